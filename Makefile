@@ -36,3 +36,20 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+# Prefect UI: a local server on 127.0.0.1, a process work pool, the deployments of prefect.yaml, a worker.
+server: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/prefect_local.sh start
+
+deploy: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/prefect_local.sh pool
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/prefect_local.sh deploy
+
+worker: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/prefect_local.sh worker
+
+stop-server:
+	bash scripts/prefect_local.sh stop
+
+clean:
+	rm -rf runs .prefect-local
