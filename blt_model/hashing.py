@@ -11,6 +11,11 @@ where ``x`` is the token-id row (bytes + 4, specials included) left-padded with 
 (``T = nb_functions * len(sizes)``, function-major, then n-gram size) and table ``j`` is addressed with the
 offset ``j * vocab``, like transformers' ``encoder_hash_tok_embedding``. The embedding of a byte is the plain
 sum (no normalisation) of its token embedding and its ``T`` hash embeddings.
+
+Documents (our addition): with ``doc_ids`` given, window entries from an earlier document count as 0, i.e.
+every document is hashed as if it started the row (left zero padding at its BOS). For a row holding one
+document this is exactly the reference; for packed rows the reference lets n-grams cross the EOS, which
+would leak the previous document into the next one's first ``max(n)-1`` embeddings.
 """
 
 from __future__ import annotations
@@ -46,21 +51,32 @@ def prime_powers(prime: int, n: int) -> list[int]:
     return [_to_int64(pow(prime, k, 1 << 64)) for k in range(n)]
 
 
-def rolling_polynomial_hash(ids: torch.Tensor, n: int, prime: int = PRIMES[0]) -> torch.Tensor:
-    """Raw int64 hash of the n-gram ending at every position of ``ids[..., L]`` (left zero padding)."""
+def rolling_polynomial_hash(
+    ids: torch.Tensor, n: int, prime: int = PRIMES[0], doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Raw int64 hash of the n-gram ending at every position of ``ids[..., L]`` (left zero padding;
+    with ``doc_ids[..., L]`` also zero padding at every document start)."""
     ids = ids.to(torch.int64)
     padded = F.pad(ids, (n - 1, 0), value=0)
     windows = padded.unfold(-1, n, 1)  # [..., L, n], oldest first
+    if doc_ids is not None and n > 1:
+        dw = F.pad(doc_ids, (n - 1, 0), value=-1).unfold(-1, n, 1)
+        windows = windows * (dw == doc_ids.unsqueeze(-1))
     powers = torch.tensor(prime_powers(prime, n), dtype=torch.int64, device=ids.device)
     return (windows * powers).sum(-1)  # int64 arithmetic wraps around
 
 
-def byte_group_hash(ids: torch.Tensor, n: int, prime: int = PRIMES[0], vocab: int = 500002) -> torch.Tensor:
+def byte_group_hash(
+    ids: torch.Tensor, n: int, prime: int = PRIMES[0], vocab: int = 500002, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Hash ids in ``[0, vocab)`` of the n-grams ending at each position (reference ``byte_group_hash_function``)."""
-    return torch.remainder(rolling_polynomial_hash(ids, n, prime), vocab)
+    return torch.remainder(rolling_polynomial_hash(ids, n, prime, doc_ids), vocab)
 
 
-def hash_ids(ids: torch.Tensor, sizes: list[int] | tuple[int, ...], nb_functions: int, vocab: int) -> torch.Tensor:
+def hash_ids(
+    ids: torch.Tensor, sizes: list[int] | tuple[int, ...], nb_functions: int, vocab: int,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Ids into the fused table for every (function, size) pair: ``[..., L, nb_functions*len(sizes)]``.
 
     Table order is function-major then n-gram size; table ``j`` is offset by ``j * vocab``.
@@ -70,7 +86,7 @@ def hash_ids(ids: torch.Tensor, sizes: list[int] | tuple[int, ...], nb_functions
     for f in range(nb_functions):
         prime = PRIMES[f % len(PRIMES)]
         for n in sizes:
-            out.append(byte_group_hash(ids, n, prime, vocab) + j * vocab)
+            out.append(byte_group_hash(ids, n, prime, vocab, doc_ids) + j * vocab)
             j += 1
     if not out:
         return torch.zeros(*ids.shape, 0, dtype=torch.int64, device=ids.device)
@@ -78,11 +94,12 @@ def hash_ids(ids: torch.Tensor, sizes: list[int] | tuple[int, ...], nb_functions
 
 
 def hash_embedding_sum(
-    ids: torch.Tensor, table: torch.nn.Embedding | torch.Tensor, sizes, nb_functions: int, vocab: int
+    ids: torch.Tensor, table: torch.nn.Embedding | torch.Tensor, sizes, nb_functions: int, vocab: int,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over all hash tables of the embeddings of ``ids[B, L]`` -> ``[B, L, dim]`` (one ``embedding_bag``)."""
     weight = table.weight if isinstance(table, torch.nn.Embedding) else table
-    hid = hash_ids(ids, sizes, nb_functions, vocab)  # [B, L, T]
+    hid = hash_ids(ids, sizes, nb_functions, vocab, doc_ids)  # [B, L, T]
     B, L, T = hid.shape
     if T == 0:
         return weight.new_zeros(B, L, weight.shape[1])

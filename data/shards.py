@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+from concurrent.futures import Executor, Future, wait
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,77 +47,115 @@ def shard_name(index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-class _HashingFile:
-    """A write-only file object that hashes everything written through it (for ``pa.PythonFile``)."""
+class _BackgroundHash:
+    """sha256 of a file being appended to, computed on an executor thread while the writer goes on.
 
-    def __init__(self, f):
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.closed = False
+    Each ``upto(n)`` queues hashing of the bytes written so far; a single-thread executor keeps the order.
+    Reads use their own descriptor (``pread``), so they see exactly what the writer wrote.
+    """
 
-    def write(self, data) -> int:
-        self.sha.update(data)
-        n = self._f.write(data)
-        self.size += n
-        return n
+    def __init__(self, path: Path, executor: Executor):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._sha = hashlib.sha256()
+        self._pos = 0
+        self._ex = executor
+        self._futures: list[Future] = []
 
-    def tell(self) -> int:
-        return self.size
+    def _hash(self, end: int) -> None:
+        while self._pos < end:
+            chunk = os.pread(self._fd, min(4 << 20, end - self._pos), self._pos)
+            if not chunk:
+                raise OSError(f"short read while hashing at byte {self._pos}")
+            self._sha.update(chunk)
+            self._pos += len(chunk)
 
-    def flush(self) -> None:
-        self._f.flush()
+    def upto(self, end: int) -> None:
+        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+        self._futures.append(self._ex.submit(self._hash, end))
+
+    def finish(self, end: int) -> str:
+        self.upto(end)
+        try:
+            for f in self._futures:
+                f.result()
+            return self._sha.hexdigest()
+        finally:
+            self.close()
 
     def close(self) -> None:
-        self.closed = True  # the underlying file is closed by ShardWriter
-
-    def writable(self) -> bool:
-        return True
+        for f in self._futures:
+            f.cancel()
+        wait(self._futures)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class ShardWriter:
     """Stream record batches into one IPC file at ``path``; ``close()`` renames it into place atomically.
 
-    ``close()`` returns ``{"sha256", "rows", "file_bytes"}`` (sha256 of the file as written). On an exception
-    inside ``with`` (or ``abort()``) the temporary file is removed and ``path`` is untouched.
+    ``close()`` returns ``{"sha256", "rows", "file_bytes"}`` (the sha256 of the file as written). Given an
+    ``executor`` (one worker), the hash is computed there batch by batch while writing goes on (hashlib
+    releases the GIL), else after closing. On an exception inside ``with`` (or ``abort()``) the temporary
+    file is removed and ``path`` is untouched.
     """
 
-    def __init__(self, path: str | Path, schema: pa.Schema):
+    def __init__(self, path: str | Path, schema: pa.Schema, executor: Executor | None = None):
         self.path = Path(path)
         self.schema = schema
         self.rows = 0
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._raw = self._stack.enter_context(open(tmp, "wb", buffering=0))
-        self._hashing = _HashingFile(self._raw)
-        self._sink = pa.PythonFile(self._hashing, mode="w")
-        self._writer = pa.ipc.new_file(self._sink, schema, options=pa.ipc.IpcWriteOptions(compression=None))
         self._closed = False
+        self._hash: _BackgroundHash | None = None
+        self._stack = contextlib.ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_path(self.path))
+            self._sink = self._stack.enter_context(pa.OSFile(str(tmp), "wb"))  # unbuffered writes
+            self._writer = pa.ipc.new_file(self._sink, schema,
+                                           options=pa.ipc.IpcWriteOptions(compression=None))
+            if executor is not None:
+                self._hash = _BackgroundHash(tmp, executor)
+        except BaseException:
+            self._closed = True
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            raise
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
+        if self._hash is not None:
+            self._hash.upto(self._sink.tell())
 
     def write_table(self, table: pa.Table) -> None:
         self._writer.write_table(table)
         self.rows += table.num_rows
+        if self._hash is not None:
+            self._hash.upto(self._sink.tell())
 
     def close(self) -> dict[str, Any]:
         if self._closed:
             raise RuntimeError(f"{self.path}: writer already closed")
         self._closed = True
-        self._writer.close()
-        self._sink.close()
-        info = {"sha256": self._hashing.sha.hexdigest(), "rows": self.rows, "file_bytes": self._hashing.size}
-        self._stack.close()  # closes the file, fsyncs and renames onto self.path
-        return info
+        try:
+            self._writer.close()
+            size = self._sink.tell()
+            digest = self._hash.finish(size) if self._hash is not None else None
+        except BaseException:
+            self._abort_stack()
+            raise
+        self._stack.close()  # closes the file, fsyncs and renames it onto self.path
+        return {"sha256": digest or sha256_file(self.path), "rows": self.rows, "file_bytes": size}
+
+    def _abort_stack(self) -> None:
+        if self._hash is not None:
+            self._hash.close()
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)  # deletes the temp file
 
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
             with contextlib.suppress(Exception):
                 self._writer.close()
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)  # deletes the temp file
+            self._abort_stack()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -212,7 +252,7 @@ def iter_table_docs(table: pa.Table) -> Iterator[Doc]:
         arr = batch.column("data")
         _, offsets_buf, data_buf = arr.buffers()
         offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
-        view = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        view = memoryview(data_buf).cast("B") if data_buf is not None else memoryview(b"")  # pa exports "b"
         for i, (doc_id, src) in enumerate(zip(ids, sources)):
             yield Doc(doc_id, src, view[int(offsets[i]): int(offsets[i + 1])])
 

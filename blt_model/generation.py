@@ -1,0 +1,376 @@
+"""Incremental BLT inference (pure torch, no I/O): generate bytes without re-running the prefix.
+
+The reference generator (``generate_nocache``, BLT_REFERENCE §4.5) re-runs the entropy model, the patcher
+and the whole BLT over the full prefix for every new byte: O(n^2). :class:`BLTDecoderState` keeps, instead:
+
+* the **entropy model**'s rolling KV cache (:class:`~blt_model.entropy_model.ByteLMCache`) and the entropies
+  so far; the patcher decides, after every new token, whether the *next* position opens a patch
+  (``include_next_token=True`` semantics; every patcher of ``blt_model.patching`` is prefix-stable);
+* the **local encoder**'s per-layer rolling KV caches (last ``window`` keys) and the byte states of the
+  current, still open patch (the states of the layers its cross-attentions read);
+* the **global transformer**'s K/V of every *completed* patch. The decoder only ever reads global outputs of
+  complete patches (byte t reads the latest patch whose bytes are all ``<= t``, and whether t ends its patch
+  is known once ``H[t]`` is), so a patch is pooled (max-pool + encoder cross-attention over its own bytes)
+  and run through the global transformer exactly once, when it closes;
+* the **local decoder**'s per-layer rolling KV caches and the decoder slots
+  (``patch_embedding_projection(o_j)``) of every completed patch.
+
+So each new byte costs one token through the entropy model, the encoder and the decoder, plus one global
+step per patch. Logits equal the full recompute (``full_recompute_logits``) up to fp32 rounding.
+
+Limits: one sequence (batch 1); no EOS inside the fed tokens (generation stops at EOS), so document masks
+never split anything; ``max_seqlen`` is not enforced (RoPE extrapolates).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .entropy_model import ByteLMCache, entropy
+from .hashing import hash_embedding_sum
+from .masks import attention_mask
+from .model import BLT
+from .vocab import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET
+
+_NEVER = (BOE_ID, BOS_ID, BPE_ID)  # ids a generator never emits
+
+
+class _LayerCache:
+    """Rolling K/V of one self-attention layer: keeps the last ``keep`` keys (None = all)."""
+
+    __slots__ = ("k", "v", "keep")
+
+    def __init__(self, keep: int | None):
+        self.k = self.v = None
+        self.keep = keep
+
+    def past(self):
+        return None if self.k is None else (self.k, self.v)
+
+    def update(self, kv):
+        k, v = kv
+        if self.keep is not None and k.shape[2] > self.keep:
+            k, v = k[:, :, -self.keep:], v[:, :, -self.keep:]
+        self.k, self.v = k, v
+
+
+@dataclass
+class _Stats:
+    tokens: int = 0
+    patches: int = 0
+    seconds: dict = field(default_factory=lambda: {"entropy": 0.0, "encoder": 0.0, "global": 0.0, "decoder": 0.0})
+
+
+class BLTDecoderState:
+    """Incremental state of one sequence ``[BOS] + bytes...`` for a :class:`~blt_model.model.BLT`.
+
+    ``patcher`` is a ``blt_model.patching.Patcher`` (entropy mode needs ``entropy_model``). ``extend(ids)``
+    appends tokens and returns the logits of the last one (or of all, ``all_logits=True``); ``patch_lengths``
+    gives the patches so far in the ``include_next_token=True`` form (sum ``n + 1``).
+    """
+
+    def __init__(self, model: BLT, patcher, entropy_model: torch.nn.Module | None = None, profile: bool = False):
+        if getattr(patcher, "needs_entropies", False) and entropy_model is None:
+            raise ValueError("entropy patching needs the entropy model")
+        self.model = model
+        self.cfg = model.cfg
+        self.patcher = patcher
+        self.entropy_model = entropy_model if getattr(patcher, "needs_entropies", False) else None
+        self.ent_cache = ByteLMCache()
+        self.tokens: list[int] = []
+        self.entropies: list[float] = []
+        self.starts: list[bool] = []  # starts[s]: position s opens a patch (known up to len(tokens))
+        self.n_patches_done = 0  # completed patches (pooled + global ran)
+        cfg = self.cfg
+        w = cfg.window
+        self.enc_caches = [_LayerCache(w) for _ in model.local_encoder.layers]
+        self.dec_caches = [_LayerCache(w) for _ in model.local_decoder.layers]
+        self.glob_caches = [_LayerCache(None) for _ in model.global_transformer.layers]
+        self.enc_all = model.local_encoder.all_layers
+        self.open_states: list[list[torch.Tensor]] = [[] for _ in model.local_encoder.layers]  # per layer chunks
+        self.dec_slots: torch.Tensor | None = None  # [1, P_done, k, dim]
+        self.max_hash = max(cfg.hash_sizes) if cfg.hash_sizes and cfg.hash_functions else 1
+        self.profile = profile
+        self.stats = _Stats()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _tick(self, name: str, t0: float) -> float:
+        if self.profile:
+            t1 = time.perf_counter()
+            self.stats.seconds[name] += t1 - t0
+            return t1
+        return t0
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    def patch_lengths(self) -> np.ndarray:
+        """Lengths of the patches so far, covering positions ``0..n`` (include_next_token form, sum n+1)."""
+        s = np.flatnonzero(np.asarray(self.starts, dtype=bool))
+        return np.diff(s, append=len(self.starts)).astype(np.int32)
+
+    def _decide_starts(self) -> None:
+        """Extend ``starts`` to cover positions ``0..n`` (the next position included)."""
+        toks = np.asarray(self.tokens, dtype=np.int64)
+        ent = np.asarray(self.entropies, dtype=np.float32) if self.entropy_model is not None else None
+        lengths = self.patcher.patch_lengths(tokens=toks, entropies=ent, include_next_token=True)
+        mask = np.zeros(int(np.sum(lengths)), dtype=bool)
+        mask[np.concatenate(([0], np.cumsum(lengths)[:-1]))] = True
+        old = len(self.starts)
+        if old and not np.array_equal(mask[:old], np.asarray(self.starts, dtype=bool)):
+            raise RuntimeError("the patcher is not prefix-stable: earlier patch boundaries changed")
+        self.starts = mask.tolist()
+
+    # ----------------------------------------------------------------------------------- one chunk
+    @torch.no_grad()
+    def extend(self, ids, all_logits: bool = False) -> torch.Tensor:
+        """Append tokens (a list or 1-D tensor; the first token of a sequence should be BOS).
+
+        Returns logits ``[vocab]`` of the last new token (``[L, vocab]`` with ``all_logits``), fp32.
+        """
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+        L = ids.shape[1]
+        if L == 0:
+            raise ValueError("extend needs at least one token")
+        if bool((ids[:, :-1] == EOS_ID).any()) or (self.tokens and self.tokens[-1] == EOS_ID):
+            raise ValueError("tokens after an EOS: start a new state for a new document")
+        n0 = self.n
+        m = self.model
+        t0 = time.perf_counter()
+        # 1. entropy model (rolling cache) and patch decisions for positions n0+1 .. n0+L
+        self.tokens.extend(ids[0].tolist())
+        if self.entropy_model is not None:
+            h_ent = entropy(self.entropy_model(ids, cache=self.ent_cache))[0]
+            self.entropies.extend(h_ent.tolist())
+        self._decide_starts()
+        t0 = self._tick("entropy", t0)
+
+        # 2. local encoder on the new tokens
+        lo = max(0, n0 - self.max_hash + 1)
+        tail = torch.as_tensor(self.tokens[lo:], dtype=torch.long, device=self.device).view(1, -1)
+        h = m.local_encoder.embed_tokens(ids)
+        cfg = self.cfg
+        if cfg.hash_functions and cfg.hash_sizes:
+            hh = hash_embedding_sum(tail, m.encoder_hash_tok_embedding, cfg.hash_sizes, cfg.hash_functions,
+                                    cfg.hash_vocab)
+            h = h + hh[:, -L:]
+        q_pos = torch.arange(n0, n0 + L, device=self.device)
+        enc = m.local_encoder
+        cos, sin = enc.rotary_emb(q_pos)
+        layer_out = []
+        for layer, cache in zip(enc.layers, self.enc_caches):
+            past = cache.past()
+            mask = self._local_mask(q_pos, past)
+            h, kv = layer(h, cos, sin, mask, past)
+            cache.update(kv)
+            layer_out.append(h)
+        t0 = self._tick("encoder", t0)
+
+        # 3. close the patches that end inside this chunk: pool, encoder cross-attention, global transformer
+        starts = self.starts
+        closed_ends = [t for t in range(n0, n0 + L) if starts[t + 1]]  # t is the last byte of its patch
+        if closed_ends:
+            self._close_patches(n0, L, closed_ends, layer_out)
+        else:
+            self._buffer(layer_out, 0, L)
+        t0 = self._tick("global", t0)
+
+        # 4. local decoder: byte t reads the slots of d(t) = patch index of t+1, minus 1
+        cum = np.cumsum(np.asarray(starts[: n0 + L + 1], dtype=np.int64)) - 1  # patch index of each position
+        d_np = cum[n0 + 1: n0 + L + 1] - 1
+        d0 = int(d_np.min())  # only the slots of the patches this chunk reads (one patch when L == 1)
+        slots = self.dec_slots[:, d0: int(d_np.max()) + 1]
+        d = torch.as_tensor(d_np - d0, dtype=torch.long, device=self.device).view(1, L)
+        dec = m.local_decoder
+        cos, sin = dec.rotary_emb(q_pos)
+        x = h
+        for i, (layer, cache) in enumerate(zip(dec.layers, self.dec_caches)):
+            if i == 0 or dec.all_layers:
+                x = x + dec.cross_attn_layers[i].bytes_from_patches(x, slots, d)
+            past = cache.past()
+            mask = self._local_mask(q_pos, past)
+            x, kv = layer(x, cos, sin, mask, past)
+            cache.update(kv)
+        x = x if all_logits else x[:, -1:]
+        logits = m.lm_head(dec.norm(x)).float()[0]
+        self._tick("decoder", t0)
+        self.stats.tokens += L
+        return logits if all_logits else logits[-1]
+
+    def _local_mask(self, q_pos: torch.Tensor, past) -> torch.Tensor | None:
+        """Causal sliding-window mask for the new queries over (cached + new) keys; None if plain causal."""
+        L = q_pos.shape[0]
+        S = 0 if past is None else past[0].shape[2]
+        if S == 0:
+            if L <= self.cfg.window:
+                return None  # plain causal (SDPA is_causal) within the chunk
+            return attention_mask(q_pos, q_pos, self.cfg.window)
+        k_pos = torch.arange(int(q_pos[0]) - S, int(q_pos[-1]) + 1, device=q_pos.device)
+        return attention_mask(q_pos, k_pos, self.cfg.window)
+
+    def _buffer(self, layer_out, a: int, b: int) -> None:
+        """Keep the states of chunk positions ``[a, b)`` (still in an open patch) for later pooling."""
+        if b <= a:
+            return
+        for i, h in enumerate(layer_out):
+            if self.enc_all or i == len(layer_out) - 1:
+                self.open_states[i].append(h[:, a:b])
+
+    def _close_patches(self, n0: int, L: int, closed_ends: list[int], layer_out) -> None:
+        m = self.model
+        enc = m.local_encoder
+        dim = self.cfg.encoder.dim
+        n_layers = len(enc.layers)
+        used = [i for i in range(n_layers) if self.enc_all or i == n_layers - 1]
+        last_end = closed_ends[-1]
+        cut = last_end + 1 - n0  # chunk positions [0, cut) belong to patches closed now
+        # byte states of the closed patches: open buffer + chunk prefix
+        states = {}
+        for i in used:
+            parts = self.open_states[i] + [layer_out[i][:, :cut]]
+            states[i] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            self.open_states[i] = []
+        self._buffer(layer_out, cut, L)
+        # local patch ids (0..m-1) of the bytes of the closed patches
+        first_pos = last_end + 1 - states[used[0]].shape[1]
+        st = np.asarray(self.starts[first_pos: last_end + 1], dtype=np.int64)
+        pid_local = np.cumsum(st) - 1
+        if pid_local[0] != 0:
+            raise RuntimeError("internal error: the open patch buffer does not start at a patch start")
+        n_new = int(pid_local[-1]) + 1
+        pids = torch.as_tensor(pid_local, dtype=torch.long, device=self.device).view(1, -1)
+        Lp = pids.shape[1]
+        # encoder pooling, as LocalEncoder.forward: max-pool the first used layer's states, project, CA per layer
+        slots = None
+        for i in used:
+            hs = states[i]
+            if slots is None:
+                pooled = hs.new_zeros(1, n_new + 1, dim).scatter_reduce(
+                    1, pids.unsqueeze(-1).expand(1, Lp, dim), hs, reduce="amax", include_self=False
+                )[:, :n_new]
+                slots = enc.patch_embedding_projection(pooled).view(1, n_new, enc.k, dim)
+            ca = enc.cross_attn_layers[i if self.enc_all else 0]
+            slots = slots + ca.patches_from_bytes(slots, hs, pids)
+        x = slots.reshape(1, n_new, enc.k * dim)
+        # global transformer over the new patches, with the K/V of all earlier patches
+        g = m.global_transformer
+        if g.token_embedding_projection is not None:
+            x = g.token_embedding_projection(x)
+        p0 = self.n_patches_done
+        q_pos = torch.arange(p0, p0 + n_new, device=self.device)
+        cos, sin = g.rotary_emb(q_pos)
+        for layer, cache in zip(g.layers, self.glob_caches):
+            past = cache.past()
+            mask = None if past is None else attention_mask(q_pos, torch.arange(0, p0 + n_new, device=self.device))
+            x, kv = layer(x, cos, sin, mask, past)
+            cache.update(kv)
+        dec = m.local_decoder
+        new_slots = dec.patch_embedding_projection(x).view(1, n_new, dec.k, self.cfg.decoder.dim)
+        self.dec_slots = new_slots if self.dec_slots is None else torch.cat((self.dec_slots, new_slots), dim=1)
+        self.n_patches_done += n_new
+        self.stats.patches += n_new
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, allow_eos: bool = True) -> int:
+    """Next token id from ``logits[vocab]``: greedy at temperature 0, else temperature + nucleus sampling.
+
+    BOE, BOS and BPE are never produced; EOS only with ``allow_eos`` (it ends the generation).
+    """
+    logits = logits.float().clone()
+    logits[list(_NEVER) + ([] if allow_eos else [EOS_ID])] = float("-inf")
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, 0)
+        keep = cum - sp < top_p  # smallest prefix whose mass reaches top_p (the top token always kept)
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter(0, si, sp)
+    probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --------------------------------------------------------------------------------------------- full recompute
+@torch.no_grad()
+def full_recompute_logits(model: BLT, patcher, entropy_model, tokens) -> torch.Tensor:
+    """Logits ``[vocab]`` after ``tokens`` by re-running everything on the whole prefix (the reference way)."""
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=next(model.parameters()).device).view(1, -1)
+    ent = None
+    if getattr(patcher, "needs_entropies", False):
+        ent = entropy(entropy_model(ids))[0].cpu().numpy()
+    lengths = patcher.patch_lengths(tokens=ids[0].cpu().numpy(), entropies=ent, include_next_token=True)
+    pl = torch.as_tensor(np.asarray(lengths, dtype=np.int64), device=ids.device).view(1, -1)
+    return model(ids, pl)[0, -1].float()
+
+
+@dataclass
+class Generation:
+    """Result of :func:`generate`: the new bytes and how they were made."""
+
+    prompt: bytes
+    data: bytes
+    tokens: list[int]
+    stopped_at_eos: bool
+    seconds: float
+    patch_lengths: list[int] | None = None
+
+    @property
+    def bytes_per_s(self) -> float:
+        return len(self.data) / self.seconds if self.seconds > 0 else float("inf")
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def generate(model: BLT, patcher, entropy_model=None, prompt: bytes | str = b"", max_bytes: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+             stop_at_eos: bool = True, profile: bool = False) -> Generation:
+    """Generate up to ``max_bytes`` bytes after ``[BOS] + prompt``.
+
+    ``use_cache=True``: :class:`BLTDecoderState` (one token per step through every model). ``False``: the
+    reference's full recompute of entropies, patches and the BLT over the whole prefix at every step.
+    ``stop_at_eos=False`` never samples EOS, so exactly ``max_bytes`` bytes come out.
+    """
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    tokens = [BOS_ID] + [b + OFFSET for b in prompt]
+    gen = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    eos = False
+    t0 = time.perf_counter()
+    state = BLTDecoderState(model, patcher, entropy_model, profile=profile) if use_cache else None
+    logits = state.extend(tokens) if state is not None else full_recompute_logits(model, patcher, entropy_model, tokens)
+    for i in range(max_bytes):
+        tok = sample_next(logits, temperature, top_p, gen, allow_eos=stop_at_eos)
+        if tok == EOS_ID and stop_at_eos:
+            eos = True
+            break
+        out.append(tok)
+        tokens.append(tok)
+        if i == max_bytes - 1:
+            break
+        if state is not None:
+            logits = state.extend([tok])
+        else:
+            logits = full_recompute_logits(model, patcher, entropy_model, tokens)
+    secs = time.perf_counter() - t0
+    data = bytes(t - OFFSET for t in out if t >= OFFSET)
+    pls = state.patch_lengths().tolist() if state is not None else None
+    g = Generation(prompt, data, out, eos, secs, pls)
+    if state is not None and profile:
+        g.profile = state.stats  # type: ignore[attr-defined]
+    return g
+
+
+__all__ = ["BLTDecoderState", "Generation", "full_recompute_logits", "generate", "sample_next"]
