@@ -3,8 +3,7 @@
 The reference generator (``generate_nocache``, BLT_REFERENCE §4.5) re-runs the entropy model, the patcher
 and the whole BLT over the full prefix for every new byte: O(n^2). :class:`BLTDecoderState` keeps, instead:
 
-* the **entropy model**'s rolling KV cache (:class:`~blt_model.entropy_model.ByteLMCache`) and the entropies
-  so far; the patcher decides, after every new token, whether the *next* position opens a patch
+* the **entropy model**'s rolling K/V (last ``window`` positions) and the entropies so far; the patcher decides, after every new token, whether the *next* position opens a patch
   (``include_next_token=True`` semantics; every patcher of ``blt_model.patching`` is prefix-stable);
 * the **local encoder**'s per-layer rolling KV caches (last ``window`` keys) and the byte states of the
   current, still open patch (the states of the layers its cross-attentions read);
@@ -30,8 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .entropy_model import ByteLMCache, entropy
+import torch.nn.functional as F
+
+from .entropy_model import entropy
 from .hashing import hash_embedding_sum
+from .layers import apply_rope
 from .masks import attention_mask
 from .model import BLT
 from .vocab import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET
@@ -39,23 +41,94 @@ from .vocab import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET
 _NEVER = (BOE_ID, BOS_ID, BPE_ID)  # ids a generator never emits
 
 
-class _LayerCache:
-    """Rolling K/V of one self-attention layer: keeps the last ``keep`` keys (None = all)."""
+class _KV:
+    """Preallocated K/V buffer of one attention layer (no per-step ``torch.cat``).
 
-    __slots__ = ("k", "v", "keep")
+    Holds the keys/values of the last ``n`` positions (contiguous, newest last). With a ``window`` only the
+    last ``window - 1`` entries are kept when the buffer is compacted; without one it grows by doubling.
+    """
 
-    def __init__(self, keep: int | None):
+    __slots__ = ("k", "v", "n", "window")
+
+    def __init__(self, window: int | None):
         self.k = self.v = None
-        self.keep = keep
+        self.n = 0
+        self.window = window
 
-    def past(self):
-        return None if self.k is None else (self.k, self.v)
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``k, v [1, H, L, D]`` (post-RoPE)."""
+        L = k.shape[2]
+        if self.k is None:
+            cap = max(2 * (self.window or 64), L + (self.window or 64))
+            shape = (k.shape[0], k.shape[1], cap, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        cap = self.k.shape[2]
+        if self.n + L > cap:
+            if self.window is not None:
+                keep = min(self.n, self.window - 1)
+                if keep + L > cap:  # a long chunk: make room for it
+                    self._grow(keep + L + self.window, keep)
+                else:
+                    self.k[:, :, :keep] = self.k[:, :, self.n - keep: self.n].clone()
+                    self.v[:, :, :keep] = self.v[:, :, self.n - keep: self.n].clone()
+                self.n = keep
+            else:
+                self._grow(max(2 * cap, self.n + L), self.n)
+        self.k[:, :, self.n: self.n + L] = k
+        self.v[:, :, self.n: self.n + L] = v
+        self.n += L
 
-    def update(self, kv):
-        k, v = kv
-        if self.keep is not None and k.shape[2] > self.keep:
-            k, v = k[:, :, -self.keep:], v[:, :, -self.keep:]
-        self.k, self.v = k, v
+    def _grow(self, cap: int, keep: int) -> None:
+        shape = (self.k.shape[0], self.k.shape[1], cap, self.k.shape[3])
+        k2, v2 = self.k.new_empty(shape), self.v.new_empty(shape)
+        k2[:, :, :keep] = self.k[:, :, self.n - keep: self.n]
+        v2[:, :, :keep] = self.v[:, :, self.n - keep: self.n]
+        self.k, self.v = k2, v2
+
+    def last(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = min(m, self.n)
+        return self.k[:, :, self.n - m: self.n], self.v[:, :, self.n - m: self.n]
+
+
+class _FusedBlock:
+    """One ``layers.TransformerBlock`` stepped incrementally, with its q/k/v and gate/up weights fused once.
+
+    Same math as ``TransformerBlock.forward`` (pre-norm, RoPE on q/k, SDPA, SwiGLU); the module's own norms and
+    ``apply_rope`` are used, only the weight concatenation and the K/V bookkeeping differ.
+    """
+
+    __slots__ = ("blk", "w_qkv", "w_gu", "hq", "hk", "H", "Hkv", "D", "hidden")
+
+    def __init__(self, blk):
+        a, mlp = blk.self_attn, blk.mlp
+        self.blk = blk
+        self.w_qkv = torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), 0).detach()
+        self.w_gu = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight), 0).detach()
+        self.H, self.Hkv, self.D = a.n_heads, a.n_kv_heads, a.head_dim
+        self.hq, self.hk = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        self.hidden = mlp.hidden
+
+    def __call__(self, x, cos, sin, q_pos, kv: _KV, window: int | None):
+        B, L, _ = x.shape
+        blk = self.blk
+        q, k, v = F.linear(blk.input_layernorm(x), self.w_qkv).split((self.hq, self.hk, self.hk), dim=-1)
+        q = apply_rope(q.view(B, L, self.H, self.D), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(B, L, self.Hkv, self.D), cos, sin).transpose(1, 2)
+        v = v.view(B, L, self.Hkv, self.D).transpose(1, 2)
+        kv.append(k, v)
+        span = kv.n if window is None else min(kv.n, L + window - 1)  # every key a new query can see
+        keys, values = kv.last(span)
+        gqa = self.H != self.Hkv
+        if L == 1:  # every key in the span is visible
+            o = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        else:
+            p1 = int(q_pos[-1]) + 1
+            k_pos = torch.arange(p1 - span, p1, device=x.device)
+            mask = attention_mask(q_pos, k_pos, window)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        h = x + blk.self_attn.o_proj(o.transpose(1, 2).reshape(B, L, self.hq))
+        g, u = F.linear(blk.post_attention_layernorm(h), self.w_gu).split((self.hidden, self.hidden), dim=-1)
+        return h + blk.mlp.down_proj(F.silu(g) * u)
 
 
 @dataclass
@@ -80,16 +153,21 @@ class BLTDecoderState:
         self.cfg = model.cfg
         self.patcher = patcher
         self.entropy_model = entropy_model if getattr(patcher, "needs_entropies", False) else None
-        self.ent_cache = ByteLMCache()
         self.tokens: list[int] = []
         self.entropies: list[float] = []
         self.starts: list[bool] = []  # starts[s]: position s opens a patch (known up to len(tokens))
         self.n_patches_done = 0  # completed patches (pooled + global ran)
         cfg = self.cfg
         w = cfg.window
-        self.enc_caches = [_LayerCache(w) for _ in model.local_encoder.layers]
-        self.dec_caches = [_LayerCache(w) for _ in model.local_decoder.layers]
-        self.glob_caches = [_LayerCache(None) for _ in model.global_transformer.layers]
+        self.enc_blocks = [_FusedBlock(b) for b in model.local_encoder.layers]
+        self.dec_blocks = [_FusedBlock(b) for b in model.local_decoder.layers]
+        self.glob_blocks = [_FusedBlock(b) for b in model.global_transformer.layers]
+        self.enc_caches = [_KV(w) for _ in self.enc_blocks]
+        self.dec_caches = [_KV(w) for _ in self.dec_blocks]
+        self.glob_caches = [_KV(None) for _ in self.glob_blocks]
+        em = self.entropy_model
+        self.ent_blocks = [_FusedBlock(b) for b in em.layers] if em is not None else []
+        self.ent_caches = [_KV(em.window) for _ in self.ent_blocks] if em is not None else []
         self.enc_all = model.local_encoder.all_layers
         self.open_states: list[list[torch.Tensor]] = [[] for _ in model.local_encoder.layers]  # per layer chunks
         self.dec_slots: torch.Tensor | None = None  # [1, P_done, k, dim]
@@ -146,9 +224,9 @@ class BLTDecoderState:
         t0 = time.perf_counter()
         # 1. entropy model (rolling cache) and patch decisions for positions n0+1 .. n0+L
         self.tokens.extend(ids[0].tolist())
+        q_pos = torch.arange(n0, n0 + L, device=self.device)
         if self.entropy_model is not None:
-            h_ent = entropy(self.entropy_model(ids, cache=self.ent_cache))[0]
-            self.entropies.extend(h_ent.tolist())
+            self.entropies.extend(entropy(self._entropy_logits(ids, q_pos))[0].tolist())
         self._decide_starts()
         t0 = self._tick("entropy", t0)
 
@@ -161,15 +239,11 @@ class BLTDecoderState:
             hh = hash_embedding_sum(tail, m.encoder_hash_tok_embedding, cfg.hash_sizes, cfg.hash_functions,
                                     cfg.hash_vocab)
             h = h + hh[:, -L:]
-        q_pos = torch.arange(n0, n0 + L, device=self.device)
         enc = m.local_encoder
         cos, sin = enc.rotary_emb(q_pos)
         layer_out = []
-        for layer, cache in zip(enc.layers, self.enc_caches):
-            past = cache.past()
-            mask = self._local_mask(q_pos, past)
-            h, kv = layer(h, cos, sin, mask, past)
-            cache.update(kv)
+        for blk, cache in zip(self.enc_blocks, self.enc_caches):
+            h = blk(h, cos, sin, q_pos, cache, cfg.window)
             layer_out.append(h)
         t0 = self._tick("encoder", t0)
 
@@ -191,29 +265,24 @@ class BLTDecoderState:
         dec = m.local_decoder
         cos, sin = dec.rotary_emb(q_pos)
         x = h
-        for i, (layer, cache) in enumerate(zip(dec.layers, self.dec_caches)):
+        for i, (blk, cache) in enumerate(zip(self.dec_blocks, self.dec_caches)):
             if i == 0 or dec.all_layers:
                 x = x + dec.cross_attn_layers[i].bytes_from_patches(x, slots, d)
-            past = cache.past()
-            mask = self._local_mask(q_pos, past)
-            x, kv = layer(x, cos, sin, mask, past)
-            cache.update(kv)
+            x = blk(x, cos, sin, q_pos, cache, cfg.window)
         x = x if all_logits else x[:, -1:]
         logits = m.lm_head(dec.norm(x)).float()[0]
         self._tick("decoder", t0)
         self.stats.tokens += L
         return logits if all_logits else logits[-1]
 
-    def _local_mask(self, q_pos: torch.Tensor, past) -> torch.Tensor | None:
-        """Causal sliding-window mask for the new queries over (cached + new) keys; None if plain causal."""
-        L = q_pos.shape[0]
-        S = 0 if past is None else past[0].shape[2]
-        if S == 0:
-            if L <= self.cfg.window:
-                return None  # plain causal (SDPA is_causal) within the chunk
-            return attention_mask(q_pos, q_pos, self.cfg.window)
-        k_pos = torch.arange(int(q_pos[0]) - S, int(q_pos[-1]) + 1, device=q_pos.device)
-        return attention_mask(q_pos, k_pos, self.cfg.window)
+    def _entropy_logits(self, ids: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """The entropy model (``ByteLM``) on the new tokens against its own rolling K/V (sliding window)."""
+        em = self.entropy_model
+        h = em.embed_tokens(ids)
+        cos, sin = em.rotary_emb(q_pos)
+        for blk, cache in zip(self.ent_blocks, self.ent_caches):
+            h = blk(h, cos, sin, q_pos, cache, em.window)
+        return em.lm_head(em.norm(h)).float()
 
     def _buffer(self, layer_out, a: int, b: int) -> None:
         """Keep the states of chunk positions ``[a, b)`` (still in an open patch) for later pooling."""
@@ -266,11 +335,8 @@ class BLTDecoderState:
         p0 = self.n_patches_done
         q_pos = torch.arange(p0, p0 + n_new, device=self.device)
         cos, sin = g.rotary_emb(q_pos)
-        for layer, cache in zip(g.layers, self.glob_caches):
-            past = cache.past()
-            mask = None if past is None else attention_mask(q_pos, torch.arange(0, p0 + n_new, device=self.device))
-            x, kv = layer(x, cos, sin, mask, past)
-            cache.update(kv)
+        for blk, cache in zip(self.glob_blocks, self.glob_caches):
+            x = blk(x, cos, sin, q_pos, cache, None)
         dec = m.local_decoder
         new_slots = dec.patch_embedding_projection(x).view(1, n_new, dec.k, self.cfg.decoder.dim)
         self.dec_slots = new_slots if self.dec_slots is None else torch.cat((self.dec_slots, new_slots), dim=1)

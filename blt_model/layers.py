@@ -63,12 +63,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x[B, L, H, D]`` with ``cos/sin[L, D/2]``."""
-    xr = x.unflatten(-1, (-1, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
-    c = cos[:, None, :].to(x.dtype)
-    s = sin[:, None, :].to(x.dtype)
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    """Rotate adjacent pairs of ``x[B, L, H, D]`` with ``cos/sin[L, D/2]``:
+    ``(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)``, done as one complex multiply (fp32 inside)."""
+    dtype = x.dtype
+    xf = x if dtype in (torch.float32, torch.float64) else x.float()
+    rot = torch.complex(cos, sin).to(torch.complex128 if xf.dtype == torch.float64 else torch.complex64)
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous()) * rot[:, None, :]
+    return torch.view_as_real(xc).flatten(-2).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- attention

@@ -67,6 +67,13 @@ class IngestConfig(StrictModel):
     )
     min_doc_bytes: int = Field(default=1, ge=1, description="documents shorter than this are skipped, counted")
 
+    @model_validator(mode="after")
+    def _default_when_empty(self) -> IngestConfig:
+        # `sources: []` means the default corpus; normalise so both spellings give one stage key.
+        if not self.sources:
+            object.__setattr__(self, "sources", [SourceConfig(kind="default")])
+        return self
+
 
 # ----------------------------------------------------------------------------------------------- training
 class TrainConfig(StrictModel):

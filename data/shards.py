@@ -17,8 +17,8 @@ import contextlib
 import hashlib
 import json
 import os
-from concurrent.futures import Executor, Future, wait
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 

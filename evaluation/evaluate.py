@@ -160,7 +160,6 @@ def build_evaluate(out: Path, cfg: PipelineConfig, key: str, ingest: dict, entro
 
     started = time.perf_counter()
     ecfg = cfg.eval
-    torch.set_grad_enabled(False)
     blt_model, blt_cfg, _ = load_model(blt["dir"])
     ent_model, _, _ = load_model(entropy["dir"])
     psum = _summary(patch)

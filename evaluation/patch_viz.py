@@ -247,8 +247,9 @@ def _display(ch: str | None, raw: bytes) -> tuple[str, bool]:
     return html.escape(ch), False
 
 
-def _shade(h: float, hmax: float) -> str:
-    a = 0.0 if hmax <= 0 or not math.isfinite(h) else max(0.0, min(1.0, h / hmax))
+def _shade(h: float, hmin: float, hmax: float) -> str:
+    span = hmax - hmin
+    a = 0.0 if span <= 0 or not math.isfinite(h) else max(0.0, min(1.0, (h - hmin) / span))
     return f"rgba(230,80,30,{0.08 + 0.72 * a:.3f})"
 
 
@@ -299,9 +300,10 @@ body { font-family: sans-serif; margin: 1.5em; }
 def picture_html_fragment(pic: PatchPicture, index: int = 0) -> str:
     """One ``<div class="pic">``: a caption and the text with ``<span class="p" data-hex=...>`` per patch."""
     segs = pic.segments
+    hmin = float(np.nanmin(pic.entropies)) if pic.entropies.size else 0.0
     hmax = float(np.nanmax(pic.entropies)) if pic.entropies.size else 1.0
     if pic.threshold is not None and math.isfinite(pic.threshold):
-        hmax = max(hmax, float(pic.threshold))
+        hmin, hmax = min(hmin, float(pic.threshold)), max(hmax, float(pic.threshold))
     parts = []
     pos = 0
     for j, seg in enumerate(segs, 1):
@@ -311,7 +313,7 @@ def picture_html_fragment(pic: PatchPicture, index: int = 0) -> str:
             text, esc = _display(ch, raw)
             cls = "b esc" if esc else "b"
             title = f"byte {pos}: H={h:.3f}"
-            inner.append(f'<span class="{cls}" style="background:{_shade(h, hmax)}" title="{title}">{text}</span>')
+            inner.append(f'<span class="{cls}" style="background:{_shade(h, hmin, hmax)}" title="{title}">{text}</span>')
             pos += len(raw)
         parts.append(f'<span class="p" data-patch="{j}" data-hex="{seg.hex()}">{"".join(inner)}</span>')
     theta = "-" if pic.threshold is None else f"{pic.threshold:.4g}"
@@ -320,7 +322,8 @@ def picture_html_fragment(pic: PatchPicture, index: int = 0) -> str:
         f'<div class="pic" id="pic{index}"><h3>{cap}</h3>'
         f'<p class="legend">{len(pic.data)} bytes, {len(segs)} patches, '
         f"{pic.bytes_per_patch:.2f} bytes/patch, θ = {theta}; "
-        f"shading = entropy (nats) of each byte's prediction, framed spans = patches, "
+        f"shading = entropy (nats) of each byte's prediction, light {hmin:.2f} to dark {hmax:.2f}; "
+        f"framed spans = patches; "
         f"<span class=esc>\\xNN</span> = byte that is not (complete) UTF-8 inside its patch</p>"
         f'<div class="text">{"".join(parts)}</div></div>'
     )
@@ -343,7 +346,7 @@ def parse_html_segments(text: str) -> list[list[bytes]]:
 
 
 # ------------------------------------------------------------------------------------- PNG
-def plot_picture(pic: PatchPicture, out: str | Path, max_bytes: int = 400) -> Path:
+def plot_picture(pic: PatchPicture, out: str | Path, max_bytes: int = 160) -> Path:
     """Entropy per byte (first ``max_bytes``), the threshold, and a dashed line at each patch start."""
     import matplotlib
 
@@ -353,7 +356,7 @@ def plot_picture(pic: PatchPicture, out: str | Path, max_bytes: int = 400) -> Pa
     from blt_pipeline.stage import atomic_path
 
     n = min(len(pic.data), max_bytes)
-    width = min(max(6.0, 0.12 * n + 2), 40.0)
+    width = min(max(6.0, 0.12 * n + 2), 22.0)
     fig, ax = plt.subplots(figsize=(width, 3.6), dpi=100)
     xs = np.arange(n)
     ax.plot(xs, pic.entropies[:n], marker="o", markersize=2.5, linewidth=1, color="#c04010", label="entropy H")

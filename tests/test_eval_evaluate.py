@@ -207,3 +207,29 @@ def test_blt_score_equals_direct_forward():
     a = B.score_bytelm(em, [doc], seq_len=7)  # several overlapping rows, window < row
     b = B.score_bytelm(em, [doc], seq_len=64)
     assert a.n == b.n == tok.size - 1 and a.ce > 0 and b.ce > 0
+
+
+def test_cli_generate_and_show_patches_from_blt_dir(upstream, tmp_path, capsys):
+    from blt_pipeline.cli import main
+
+    work, ingest, entropy, patch, blt = upstream
+    assert main(["generate", "--checkpoint", blt["dir"], "--prompt", "def ", "--max-bytes", "12"]) == 0
+    cached = capsys.readouterr()
+    assert cached.out.startswith("def ") and "bytes/s" in cached.err
+    assert main(["generate", "--checkpoint", str(Path(blt["dir"]) / "model.pt"), "--prompt", "def ",
+                 "--max-bytes", "12", "--no-cache"]) == 0
+    assert capsys.readouterr().out == cached.out  # greedy: same bytes either way
+    assert main(["generate", "--checkpoint", blt["dir"], "--prompt", "x", "--max-bytes", "8",
+                 "--temperature", "0.9", "--top-p", "0.8", "--seed", "1"]) == 0
+    capsys.readouterr()
+    text = "def f(x):\n    return x\n"
+    out = tmp_path / "pp"
+    assert main(["show-patches", "--checkpoint", blt["dir"], "--text", text, "--out", str(out)]) == 0
+    from evaluation.patch_viz import parse_html_segments
+
+    segs = parse_html_segments((tmp_path / "pp.html").read_text())[0]
+    assert b"".join(segs) == text.encode() and (tmp_path / "pp.png").exists()
+    # an entropy checkpoint: θ from the patch stage that used it, or --threshold
+    assert main(["show-patches", "--checkpoint", entropy["dir"], "--text", "ab", "--out", str(out)]) == 0
+    assert main(["show-patches", "--checkpoint", entropy["dir"], "--text", text, "--threshold", "5.0",
+                 "--out", str(out)]) == 0

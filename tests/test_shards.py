@@ -13,7 +13,14 @@ from blt_pipeline.config import PipelineConfig
 from blt_pipeline.stage import read_manifest, sha256_file
 from data.ingest import run_ingest
 from data.shards import (
-    DOC_SCHEMA, ShardCorruptError, ShardWriter, iter_docs, iter_table_docs, list_shards, read_shard, verify_shards,
+    DOC_SCHEMA,
+    ShardCorruptError,
+    ShardWriter,
+    iter_docs,
+    iter_table_docs,
+    list_shards,
+    read_shard,
+    verify_shards,
     write_table_atomic,
 )
 

@@ -135,3 +135,25 @@ def test_blt_batches_reach_the_model_with_invariants(data, tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["patch_lengths"].shape == (4, 16) and (batch["patch_lengths"][:, 0] == 1).all()
     assert (batch["patch_lengths"].sum(1) == batch["x"].shape[1] + 1).all() and batch["x"].shape[1] <= 96
+
+
+def test_baseline_entry_point(data, tmp_path, monkeypatch):
+    """train_baseline: a ByteLM of eval.baseline_model shape, full attention over rows of the BLT's byte cap."""
+    from blt_model.flops import bytelm_flops_per_byte
+    from training.run import baseline_setup
+
+    root, ingest, _ = data
+    cfg = tiny_cfg(root, ["eval.baseline_model={dim: 32, n_layers: 1, n_heads: 2, ffn_dim: 64}"])
+    out = tmp_path / "base"
+    out.mkdir()
+    (out / "cfg.json").write_text(json.dumps(cfg.to_json_dict()))
+    argv = ["--stage", "train_baseline", "--config", str(out / "cfg.json"), "--out", str(out), "--key", "b" * 64,
+            "--ingest", ingest["dir"], "--max-steps", "3"]
+    assert run_main(argv) == 0
+    model, mcfg, kind = load_model(out)
+    expected, train = baseline_setup(cfg, max_steps=3)
+    assert kind == "baseline" and mcfg == expected and mcfg.window == mcfg.max_seqlen == 96
+    assert train.seq_len == 96 and train.max_steps == 3 and train.batch_size == cfg.blt.train.batch_size
+    summary = json.loads((out / "train_result.json").read_text())["summary"]
+    assert summary["steps"] == 3 and summary["bytes_seen"] == 3 * 4 * 96
+    assert bytelm_flops_per_byte(mcfg, 96)["total_train"] > 0

@@ -62,8 +62,8 @@ def test_fail_resume_and_wandb_offline_run(ingest_result, monkeypatch):
     rec = read_offline_run(runs[-1])
     assert rec["run"]["run_group"] == "grp-test" and rec["run"]["job_type"] == "train_entropy"
     assert rec["run"]["run_id"] == f"train_entropy-{result['key'][:16]}"
-    assert rec["config"]["stage_key"]["value"] == result["key"]
-    assert rec["config"]["pipeline"]["value"]["entropy"]["train"]["max_steps"] == 8
+    assert rec["config"]["stage_key"] == result["key"]
+    assert rec["config"]["pipeline"]["entropy"]["train"]["max_steps"] == 8
     assert "code_version" in rec["config"]
     for name in ("train/loss", "train/bpb", "val/bpb", "perf/bytes_per_s", "perf/mfu"):
         assert rec["metrics"].get(name) == X_AXIS, name
@@ -101,3 +101,48 @@ def test_ddp_two_cpu_ranks_inside_a_prefect_flow(ingest_result, prefect_harness,
     assert result["summary"]["bytes_seen"] == 8 * 2 * 2 * 64 and result["summary"]["steps"] == 8
     log = (out / "train.log").read_text()
     assert "GLOBAL_RANK: 1" in log or "Initializing distributed: GLOBAL_RANK: 1" in log
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killing_the_launcher_kills_the_training_process_group(ingest_result, tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, ingest = ingest_result
+    cfg = cfg_for(root, ["entropy.train.max_steps=100000", "entropy.train.val_every_n_steps=100000",
+                         "wandb.mode=disabled"])
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_json_dict()))
+    out = tmp_path / "out"
+    script = ("import json, sys\n"
+              "from blt_pipeline.config import config_from_dict\n"
+              "from training.launch import launch_training\n"
+              "cfg = config_from_dict(json.loads(open(sys.argv[1]).read()))\n"
+              "launch_training('train_entropy', cfg, sys.argv[2], 'k' * 64, sys.argv[3])\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.json"), str(out), ingest["dir"]],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True)
+        child = int(ps.stdout.split()[0])
+        assert os.getpgid(child) == child, "training runs in its own process group"
+        parent.send_signal(getattr(signal, sig))
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                os.killpg(child, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, f"training group {child} survived {sig} of its launcher"
+            time.sleep(0.5)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -29,6 +29,7 @@ from training.run import CONFIG_ERROR_EXIT, PARENT_ENV, RESULT_FILE, TrainingCon
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KILL_GRACE_S = 15.0
+STRAGGLER_GRACE_S = 20.0
 
 
 class TrainingFailed(RuntimeError):
@@ -118,19 +119,28 @@ def launch_training(stage: str, cfg, out_dir: str | Path, key: str, ingest_dir: 
     with _sigterm_raises(), open(out_dir / "train.log", "a", buffering=1) as logfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=child_env, start_new_session=True, text=True, bufsize=1, errors="replace")
-        try:
+
+        def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 logfile.write(line + "\n")
                 tail.append(line)
                 log(line)
+
+        # the pipe is read in a thread: other ranks may hold it open after rank 0 (the leader) exits, e.g.
+        # stuck in a collective after rank 0 crashed; the leader's exit is what ends the run
+        reader = threading.Thread(target=pump, daemon=True, name=f"{stage}-log")
+        reader.start()
+        try:
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
+            reader.join(timeout=5)
             raise
-        finally:
-            _kill_group(proc, grace_s=0.0) if proc.poll() is not None else None
+        reader.join(timeout=STRAGGLER_GRACE_S if rc == 0 else 1.0)
+        _kill_group(proc, grace_s=0.0)  # ranks or helpers left behind by the leader
+        reader.join(timeout=5)
     if rc == CONFIG_ERROR_EXIT:
         raise TrainingConfigError(f"{stage}: " + "\n".join(list(tail)[-5:]))
     if rc != 0:
