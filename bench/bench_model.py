@@ -213,9 +213,6 @@ def write_md(res: dict, flops: dict, out: Path) -> None:
         lines += ["## Profiles (one training step, top ops by self CPU time)", "", "ours:", "```",
                   res["profile_ours"].rstrip(), "```", "", "transformers:", "```", res["profile_hf"].rstrip(), "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
-    notes = out.with_name(out.stem + "_notes.md")
-    if notes.exists():
-        lines += [notes.read_text()]
     out.write_text("\n".join(lines))
 
 

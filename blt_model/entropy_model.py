@@ -80,10 +80,10 @@ class ByteLM(nn.Module):
             for layer in self.layers:
                 h, _ = layer(h, cos, sin, mask)
         else:
-            h = self._forward_cached(ids, h, cache)
+            h = self._forward_cached(ids, h, cache, doc_masks)
         return self.lm_head(self.norm(h)).float()
 
-    def _forward_cached(self, ids: torch.Tensor, h: torch.Tensor, cache: ByteLMCache) -> torch.Tensor:
+    def _forward_cached(self, ids: torch.Tensor, h: torch.Tensor, cache: ByteLMCache, doc_masks: bool = True):
         B, L = ids.shape
         dev = ids.device
         if cache.eos_count is None:
@@ -95,7 +95,7 @@ class ByteLM(nn.Module):
         else:
             k_pos = torch.cat((cache.key_pos, q_pos))
             k_doc = torch.cat((cache.key_doc, q_doc), dim=1)
-        mask = attention_mask(q_pos, k_pos, self.window, q_doc, k_doc)
+        mask = attention_mask(q_pos, k_pos, self.window, *((q_doc, k_doc) if doc_masks else (None, None)))
         cos, sin = self.rotary_emb(q_pos)
         keep = min(self.window, k_pos.shape[0])
         new_layers = []

@@ -11,8 +11,8 @@ and the whole BLT over the full prefix for every new byte: O(n^2). :class:`BLTDe
   complete patches (byte t reads the latest patch whose bytes are all ``<= t``, and whether t ends its patch
   is known once ``H[t]`` is), so a patch is pooled (max-pool + encoder cross-attention over its own bytes)
   and run through the global transformer exactly once, when it closes;
-* the **local decoder**'s per-layer rolling KV caches and the decoder slots
-  (``patch_embedding_projection(o_j)``) of every completed patch.
+* the **local decoder**'s per-layer rolling KV caches and, per decoder cross-attention layer, the keys/values
+  of the slots ``patch_embedding_projection(o_j)`` of every completed patch.
 
 So each new byte costs one token through the entropy model, the encoder and the decoder, plus one global
 step per patch. Logits equal the full recompute (``full_recompute_logits``) up to fp32 rounding.
@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from .entropy_model import entropy
-from .hashing import hash_embedding_sum
+from .hashing import PRIMES, hash_embedding_sum, prime_powers
 from .layers import apply_rope
 from .masks import attention_mask
 from .model import BLT
 from .vocab import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET
 
 _NEVER = (BOE_ID, BOS_ID, BPE_ID)  # ids a generator never emits
+_MASK64 = (1 << 64) - 1
 
 
 class _KV:
@@ -170,8 +171,11 @@ class BLTDecoderState:
         self.ent_caches = [_KV(em.window) for _ in self.ent_blocks] if em is not None else []
         self.enc_all = model.local_encoder.all_layers
         self.open_states: list[list[torch.Tensor]] = [[] for _ in model.local_encoder.layers]  # per layer chunks
-        self.dec_slots: torch.Tensor | None = None  # [1, P_done, k, dim]
+        n_ca = len(model.local_decoder.cross_attn_layers)
+        self.dec_k: list[torch.Tensor | None] = [None] * n_ca  # per decoder cross-attn: [1, P_done, k, H, D]
+        self.dec_v: list[torch.Tensor | None] = [None] * n_ca
         self.max_hash = max(cfg.hash_sizes) if cfg.hash_sizes and cfg.hash_functions else 1
+        self._pow_cache: dict = {}
         self.profile = profile
         self.stats = _Stats()
         p = next(model.parameters())
@@ -231,14 +235,18 @@ class BLTDecoderState:
         t0 = self._tick("entropy", t0)
 
         # 2. local encoder on the new tokens
-        lo = max(0, n0 - self.max_hash + 1)
-        tail = torch.as_tensor(self.tokens[lo:], dtype=torch.long, device=self.device).view(1, -1)
         h = m.local_encoder.embed_tokens(ids)
         cfg = self.cfg
         if cfg.hash_functions and cfg.hash_sizes:
-            hh = hash_embedding_sum(tail, m.encoder_hash_tok_embedding, cfg.hash_sizes, cfg.hash_functions,
-                                    cfg.hash_vocab)
-            h = h + hh[:, -L:]
+            if L == 1:  # one new byte: its hash ids in Python ints (same int64 arithmetic), one embedding_bag
+                hid = torch.as_tensor([self._hash_ids_last()], dtype=torch.long, device=self.device)
+                h = h + F.embedding_bag(hid, m.encoder_hash_tok_embedding.weight, mode="sum").view(1, 1, -1)
+            else:
+                lo = max(0, n0 - self.max_hash + 1)
+                tail = torch.as_tensor(self.tokens[lo:], dtype=torch.long, device=self.device).view(1, -1)
+                hh = hash_embedding_sum(tail, m.encoder_hash_tok_embedding, cfg.hash_sizes, cfg.hash_functions,
+                                        cfg.hash_vocab)
+                h = h + hh[:, -L:]
         enc = m.local_encoder
         cos, sin = enc.rotary_emb(q_pos)
         layer_out = []
@@ -259,21 +267,57 @@ class BLTDecoderState:
         # 4. local decoder: byte t reads the slots of d(t) = patch index of t+1, minus 1
         cum = np.cumsum(np.asarray(starts[: n0 + L + 1], dtype=np.int64)) - 1  # patch index of each position
         d_np = cum[n0 + 1: n0 + L + 1] - 1
-        d0 = int(d_np.min())  # only the slots of the patches this chunk reads (one patch when L == 1)
-        slots = self.dec_slots[:, d0: int(d_np.max()) + 1]
-        d = torch.as_tensor(d_np - d0, dtype=torch.long, device=self.device).view(1, L)
+        d = torch.as_tensor(d_np, dtype=torch.long, device=self.device)
         dec = m.local_decoder
         cos, sin = dec.rotary_emb(q_pos)
         x = h
         for i, (blk, cache) in enumerate(zip(self.dec_blocks, self.dec_caches)):
             if i == 0 or dec.all_layers:
-                x = x + dec.cross_attn_layers[i].bytes_from_patches(x, slots, d)
+                x = x + self._decoder_cross(i, x, d)  # double residual, as LocalDecoder.forward
             x = blk(x, cos, sin, q_pos, cache, cfg.window)
         x = x if all_logits else x[:, -1:]
         logits = m.lm_head(dec.norm(x)).float()[0]
         self._tick("decoder", t0)
         self.stats.tokens += L
         return logits if all_logits else logits[-1]
+
+    def _hash_ids_last(self) -> list[int]:
+        """Fused-table hash ids of the n-grams ending at the last token (``hashing.hash_ids`` semantics:
+        left zero padding, oldest byte * prime**0, int64 wraparound, floor modulo)."""
+        cfg = self.cfg
+        out, j = [], 0
+        for f in range(cfg.hash_functions):
+            prime = PRIMES[f % len(PRIMES)]
+            for n in cfg.hash_sizes:
+                win = self.tokens[-n:]
+                win = [0] * (n - len(win)) + win
+                hv = sum(x * p for x, p in zip(win, self._powers(prime, n))) & _MASK64
+                if hv >= 1 << 63:
+                    hv -= 1 << 64
+                out.append(hv % cfg.hash_vocab + j * cfg.hash_vocab)
+                j += 1
+        return out
+
+    def _powers(self, prime: int, n: int) -> list[int]:
+        key = (prime, n)
+        if key not in self._pow_cache:
+            self._pow_cache[key] = prime_powers(prime, n)
+        return self._pow_cache[key]
+
+    def _decoder_cross(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``CrossAttention.bytes_from_patches`` with the patch slots' K/V computed once per patch (at close).
+
+        Byte t (query) attends to the k slots of patch ``d[t]``; returns ``x + o_proj(attn)``.
+        """
+        ca = self.model.local_decoder.cross_attn_layers[i]
+        B, L, _ = x.shape
+        q = ca._q(x)  # [1, L, H, D]
+        kg = self.dec_k[i][0, d]  # [L, K, H, D]
+        vg = self.dec_v[i][0, d]
+        s = (q[0].unsqueeze(1) * kg).sum(-1) * ca.scale  # [L, K, H]
+        w = torch.softmax(s, dim=1)
+        out = (w.unsqueeze(-1) * vg).sum(1)  # [L, H, D]
+        return x + ca.o_proj(out.reshape(1, L, ca.n_heads * ca.head_dim))
 
     def _entropy_logits(self, ids: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """The entropy model (``ByteLM``) on the new tokens against its own rolling K/V (sliding window)."""
@@ -339,7 +383,10 @@ class BLTDecoderState:
             x = blk(x, cos, sin, q_pos, cache, None)
         dec = m.local_decoder
         new_slots = dec.patch_embedding_projection(x).view(1, n_new, dec.k, self.cfg.decoder.dim)
-        self.dec_slots = new_slots if self.dec_slots is None else torch.cat((self.dec_slots, new_slots), dim=1)
+        for i, ca in enumerate(dec.cross_attn_layers):  # decoder cross-attention K/V of the new patches
+            k, v = ca._kv(new_slots)  # [1, n_new, K, H, D]
+            self.dec_k[i] = k if self.dec_k[i] is None else torch.cat((self.dec_k[i], k), dim=1)
+            self.dec_v[i] = v if self.dec_v[i] is None else torch.cat((self.dec_v[i], v), dim=1)
         self.n_patches_done += n_new
         self.stats.patches += n_new
 

@@ -17,7 +17,6 @@ drops every special id (< 4), so ``decode(encode(b)) == b`` for every ``bytes`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
 
 import numpy as np
 import torch
@@ -30,8 +29,8 @@ BPE_ID = 3
 OFFSET = 4
 VOCAB_SIZE = 256 + OFFSET  # 260
 
-BytesLike = Union[bytes, bytearray, memoryview, str]
-IdsLike = Union[Iterable[int], np.ndarray, torch.Tensor]
+BytesLike = bytes | bytearray | memoryview | str
+IdsLike = Iterable[int] | np.ndarray | torch.Tensor
 
 __all__ = [
     "BOE_ID", "PAD_ID", "BOS_ID", "EOS_ID", "BPE_ID", "OFFSET", "VOCAB_SIZE",

@@ -51,6 +51,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -75,6 +76,8 @@ CALIBRATION_FILE = "calibration.json"
 PATCH_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("entropies", pa.list_(pa.float16())), ("patch_lengths", pa.list_(pa.int32()))]
 )
+ENTROPY_SCHEMA = pa.schema([("doc_id", pa.string()), ("entropies", pa.list_(pa.float16()))])
+ENTROPY_DIR = "_entropies"  # phase-1 files of a calibrating build; removed once every patch shard is written
 HIST_MAX = 32  # histogram: one bin per patch length 1..32, then one bin ">32"
 
 
@@ -145,11 +148,6 @@ def _list_array(values: list[np.ndarray], dtype: np.dtype, pa_type: pa.DataType)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa_type))
 
 
-def _schema_for(patcher: Patcher) -> pa.Schema:
-    meta = {"patcher": json.dumps(_patcher_dict(patcher), sort_keys=True)}
-    return PATCH_SCHEMA.with_metadata(meta)
-
-
 def _patcher_dict(patcher: Patcher) -> dict[str, Any]:
     return {
         "mode": patcher.mode, "threshold": patcher.threshold, "monotonic": patcher.monotonic,
@@ -158,61 +156,92 @@ def _patcher_dict(patcher: Patcher) -> dict[str, Any]:
     }
 
 
-def _shard_stats(doc_bytes: int, lengths_col: pa.ListArray) -> dict[str, Any]:
+def _schema_for(patcher: Patcher) -> pa.Schema:
+    return PATCH_SCHEMA.with_metadata({"patcher": json.dumps(_patcher_dict(patcher), sort_keys=True)})
+
+
+def _shard_stats(lengths_col: pa.ListArray) -> dict[str, Any]:
     flat = lengths_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     counts = np.bincount(flat) if flat.size else np.zeros(1, np.int64)
-    return {"tokens": int(flat.sum()), "patches": int(flat.size), "bytes": doc_bytes,
-            "length_counts": counts.tolist()}
+    return {"tokens": int(flat.sum()), "patches": int(flat.size), "length_counts": counts.tolist()}
 
 
-def _validate_existing(out_path: Path, doc_table: pa.Table, schema: pa.Schema) -> pa.Table | None:
-    """The existing patch shard if it matches the doc shard and the patcher, else None (and delete it)."""
-    if not out_path.exists():
+def _valid_existing(path: Path, doc_ids: pa.ChunkedArray, schema: pa.Schema) -> pa.Table | None:
+    """The table at ``path`` if it exists, reads, has ``schema`` (metadata too) and the doc shard's doc_ids."""
+    if not path.exists():
         return None
     try:
-        table = read_shard(out_path)
-        ok = (
-            table.num_rows == doc_table.num_rows
-            and table.schema.equals(schema, check_metadata=True)
-            and table.column("doc_id").equals(doc_table.column("doc_id"))
-        )
+        table = read_shard(path)
+        if (table.num_rows == len(doc_ids) and table.schema.equals(schema, check_metadata=True)
+                and table.column("doc_id").equals(doc_ids)):
+            return table
     except Exception:  # noqa: BLE001 - unreadable means recompute
-        ok = False
-    if not ok:
-        log.warning("patch shard %s does not match its doc shard or the patcher: recomputing", out_path)
-        out_path.unlink(missing_ok=True)
-        return None
-    return table
+        pass
+    log.warning("%s does not match its doc shard or the patcher: recomputing", path)
+    path.unlink(missing_ok=True)
+    return None
 
 
-def patch_shard(
-    model: torch.nn.Module, patcher: Patcher, doc_path: Path, out_path: Path, *, batch_size: int, chunk_len: int
-) -> dict[str, Any]:
-    """Entropies and patch lengths of one doc shard into ``out_path`` (skipped if already there and valid)."""
+def _shard_entropies(model_fn, doc_table: pa.Table, ent_path: Path | None, *, batch_size: int,
+                     chunk_len: int) -> tuple[list[np.ndarray], list[np.ndarray], bool]:
+    """(tokens, float16 entropies, computed?) of one doc shard; read from ``ent_path`` when it is valid."""
+    tokens = [encode_array(d.data) for d in iter_table_docs(doc_table)]
+    if ent_path is not None:
+        table = _valid_existing(ent_path, doc_table.column("doc_id"), ENTROPY_SCHEMA)
+        if table is not None:
+            col = table.column("entropies").combine_chunks()
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            offsets = col.offsets.to_numpy()
+            return tokens, [flat[offsets[i]: offsets[i + 1]] for i in range(len(tokens))], False
+    ents = compute_entropies(model_fn(), tokens, batch_size=batch_size, chunk_len=chunk_len)
+    return tokens, [e.astype(np.float16) for e in ents], True
+
+
+def entropy_shard(model_fn, doc_path: Path, ent_path: Path, *, batch_size: int, chunk_len: int) -> dict[str, Any]:
+    """Phase 1 (calibrating builds): entropies of one doc shard into ``ent_path`` (kept if already valid)."""
     doc_table = read_shard(doc_path)
-    docs = list(iter_table_docs(doc_table))
-    doc_bytes = sum(len(d.data) for d in docs)
+    if _valid_existing(ent_path, doc_table.column("doc_id"), ENTROPY_SCHEMA) is not None:
+        return {"computed": False, "seconds": 0.0, "bytes": 0}
+    started = time.perf_counter()
+    _, ents16, _ = _shard_entropies(model_fn, doc_table, None, batch_size=batch_size, chunk_len=chunk_len)
+    table = pa.Table.from_arrays([doc_table.column("doc_id").combine_chunks(),
+                                  _list_array(ents16, np.float16, pa.float16())], schema=ENTROPY_SCHEMA)
+    write_table_atomic(ent_path, table)
+    nbytes = sum(e.size - 2 for e in ents16)
+    return {"computed": True, "seconds": round(time.perf_counter() - started, 4), "bytes": nbytes}
+
+
+def patch_shard(model_fn, patcher: Patcher, doc_path: Path, out_path: Path, *, batch_size: int, chunk_len: int,
+                ent_path: Path | None = None) -> dict[str, Any]:
+    """Entropies and patch lengths of one doc shard into ``out_path`` (kept if it exists and validates).
+
+    Entropies come from ``ent_path`` (phase 1 of a calibrating build) when it holds them, else from the model.
+    ``model_fn()`` returns the entropy model (called only if entropies must be computed).
+    """
+    doc_table = read_shard(doc_path)
+    doc_bytes = sum(len(d.data) for d in iter_table_docs(doc_table))
     schema = _schema_for(patcher)
-    existing = _validate_existing(out_path, doc_table, schema)
+    existing = _valid_existing(out_path, doc_table.column("doc_id"), schema)
     if existing is not None:
         info = {"sha256": sha256_file(out_path), "rows": existing.num_rows, "file_bytes": out_path.stat().st_size}
-        return {**info, **_shard_stats(doc_bytes, existing.column("patch_lengths").combine_chunks()),
-                "skipped": True, "seconds": 0.0}
+        return {**info, **_shard_stats(existing.column("patch_lengths").combine_chunks()), "bytes": doc_bytes,
+                "skipped": True, "computed_bytes": 0, "seconds": 0.0}
     started = time.perf_counter()
-    tokens = [encode_array(d.data) for d in docs]
-    ents = compute_entropies(model, tokens, batch_size=batch_size, chunk_len=chunk_len)
-    ents16 = [e.astype(np.float16) for e in ents]
+    tokens, ents16, computed = _shard_entropies(model_fn, doc_table, ent_path, batch_size=batch_size,
+                                                chunk_len=chunk_len)
+    # lengths from the float16 values that are stored, so re-patching stored entropies gives the same lengths
     lengths = [patcher.patch_lengths(t, e.astype(np.float32)) for t, e in zip(tokens, ents16)]
     for t, pl in zip(tokens, lengths):
-        assert int(pl.sum()) == t.size, "patch lengths must cover the document's tokens"
+        if int(pl.sum()) != t.size:
+            raise AssertionError("patch lengths must cover the document's tokens")
     lengths_arr = _list_array(lengths, np.int32, pa.int32())
     table = pa.Table.from_arrays(
         [doc_table.column("doc_id").combine_chunks(), _list_array(ents16, np.float16, pa.float16()), lengths_arr],
         schema=schema,
     )
     info = write_table_atomic(out_path, table)
-    return {**info, **_shard_stats(doc_bytes, lengths_arr), "skipped": False,
-            "seconds": round(time.perf_counter() - started, 4)}
+    return {**info, **_shard_stats(lengths_arr), "bytes": doc_bytes, "skipped": False,
+            "computed_bytes": doc_bytes if computed else 0, "seconds": round(time.perf_counter() - started, 4)}
 
 
 # ============================================================================================ workers
@@ -228,15 +257,36 @@ def _load_entropy_model(entropy_dir: str | Path) -> torch.nn.Module:
     return model.float().eval()
 
 
+class _LazyModel:
+    """Loads the entropy model on first use (a build that only re-patches stored entropies never loads it)."""
+
+    def __init__(self, entropy_dir: str | Path):
+        self.entropy_dir = entropy_dir
+        self.model: torch.nn.Module | None = None
+
+    def __call__(self) -> torch.nn.Module:
+        if self.model is None:
+            self.model = _load_entropy_model(self.entropy_dir)
+        return self.model
+
+
 def _worker_init(entropy_dir: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER["model"] = _load_entropy_model(entropy_dir)
+    _WORKER["model_fn"] = _LazyModel(entropy_dir)
+
+
+def _run_job(model_fn, job: tuple) -> tuple[str, dict]:
+    kind, rel, doc_path, out_path, ent_path, patcher, batch_size, chunk_len = job
+    if kind == "entropy":
+        res = entropy_shard(model_fn, Path(doc_path), Path(ent_path), batch_size=batch_size, chunk_len=chunk_len)
+    else:
+        res = patch_shard(model_fn, patcher, Path(doc_path), Path(out_path), batch_size=batch_size,
+                          chunk_len=chunk_len, ent_path=None if ent_path is None else Path(ent_path))
+    return rel, res
 
 
 def _worker_run(job: tuple) -> tuple[str, dict]:
-    rel, doc_path, out_path, patcher, batch_size, chunk_len = job
-    return rel, patch_shard(_WORKER["model"], patcher, Path(doc_path), Path(out_path),
-                            batch_size=batch_size, chunk_len=chunk_len)
+    return _run_job(_WORKER["model_fn"], job)
 
 
 def _cpus() -> int:
@@ -246,38 +296,67 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+class _Runner:
+    """Runs shard jobs in this process (1 worker) or in a pool of spawned processes, started once."""
+
+    def __init__(self, workers: int, entropy_dir: Path):
+        self.workers = workers
+        self.entropy_dir = entropy_dir
+        self.threads = torch.get_num_threads() if workers <= 1 else max(1, _cpus() // workers)
+        self.local = _LazyModel(entropy_dir)
+        self.pool: ProcessPoolExecutor | None = None
+
+    def map(self, jobs: list[tuple]):
+        if self.workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield _run_job(self.local, job)
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(str(self.entropy_dir), self.threads))
+        yield from self.pool.map(_worker_run, jobs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 # ============================================================================================ calibration
-def _calibration_sample(ingest_dir: Path, n: int) -> list[tuple[str, bytes]]:
-    """The ``n`` train docs (val if train is empty) with the smallest sha256(doc_id): (doc_id, data)."""
+def _calibration_sample(ingest_dir: Path, n: int) -> list[tuple[str, str, int]]:
+    """The ``n`` train docs (val if train is empty) with the smallest sha256(doc_id): (split, shard, row)."""
     for split in SPLITS:
-        tables = {path: read_shard(path) for path in list_shards(ingest_dir, split)}
         keyed = (
-            (hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest(), doc_id, path, row)
-            for path, table in tables.items()
-            for row, doc_id in enumerate(table.column("doc_id").to_pylist())
+            (hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest(), path.name, row)
+            for path in list_shards(ingest_dir, split)
+            for row, doc_id in enumerate(read_shard(path).column("doc_id").to_pylist())
         )
         chosen = heapq.nsmallest(n, keyed)
         if chosen:
-            return [(doc_id, tables[path].column("data")[row].as_py()) for _, doc_id, path, row in chosen]
+            return [(split, name, row) for _, name, row in chosen]
     return []
 
 
-def _calibrate(out: Path, pcfg: PatchConfig, ingest_dir: Path, model_fn) -> dict[str, Any]:
-    path = out / CALIBRATION_FILE
-    if path.exists():  # a resumed build keeps the θ its finished shards were made with
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("target_bytes_per_patch") == pcfg.target_bytes_per_patch and "threshold" in saved:
-                return saved
-        except ValueError:
-            pass
+def _read_calibration(out: Path, pcfg: PatchConfig) -> dict | None:
+    try:
+        saved = json.loads((out / CALIBRATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(saved, dict) and saved.get("target_bytes_per_patch") == pcfg.target_bytes_per_patch
+    return saved if ok and isinstance(saved.get("threshold"), float) else None
+
+
+def _calibrate(out: Path, pcfg: PatchConfig, ingest_dir: Path, ent_dir: Path) -> dict[str, Any]:
+    """θ from the stored (float16) entropies of the sample; written to ``calibration.json``."""
     started = time.perf_counter()
     sample = _calibration_sample(ingest_dir, pcfg.calibration_docs)
     if not sample:
         raise ValueError(f"{ingest_dir}: no documents to calibrate the patch threshold on")
-    tokens = [encode_array(d) for _, d in sample]
-    ents = compute_entropies(model_fn(), tokens, batch_size=pcfg.batch_size, chunk_len=pcfg.chunk_len)
-    ents = [e.astype(np.float16).astype(np.float32) for e in ents]  # decide on the values that get stored
+    tables: dict[tuple[str, str], pa.ChunkedArray] = {}
+    ents = []
+    for split, name, row in sample:
+        if (split, name) not in tables:
+            tables[(split, name)] = read_shard(ent_dir / split / name).column("entropies")
+        ents.append(np.asarray(tables[(split, name)][row].values.to_numpy(zero_copy_only=False), np.float32))
     theta, achieved = calibrate_threshold(
         ents, pcfg.target_bytes_per_patch, monotonic=pcfg.monotonic, threshold_add=pcfg.threshold_add,
         max_patch_length=pcfg.max_patch_length, return_achieved=True,
@@ -285,11 +364,11 @@ def _calibrate(out: Path, pcfg: PatchConfig, ingest_dir: Path, model_fn) -> dict
     result = {
         "threshold": theta, "target_bytes_per_patch": pcfg.target_bytes_per_patch,
         "sample_bytes_per_patch": round(achieved, 6), "docs": len(sample),
-        "tokens": int(sum(t.size for t in tokens)),
-        "sample": "train docs with the smallest sha256(doc_id) (val if train is empty)",
+        "tokens": int(sum(e.size for e in ents)),
+        "sample": "the calibration_docs train docs with the smallest sha256(doc_id) (val if train is empty)",
         "seconds": round(time.perf_counter() - started, 3),
     }
-    atomic_write_json(path, result)
+    atomic_write_json(out / CALIBRATION_FILE, result)
     return result
 
 
@@ -321,49 +400,49 @@ def build_patch(out: Path, pcfg: PatchConfig, ingest_dir: Path, entropy_dir: Pat
     """``build`` of the patch stage (see the module docstring); returns the manifest fields."""
     out, ingest_dir, entropy_dir = Path(out), Path(ingest_dir), Path(entropy_dir)
     started = time.perf_counter()
-    model: list[torch.nn.Module] = []
+    shards = [(f"{split}/{p.name}", p) for split in SPLITS for p in list_shards(ingest_dir, split)]
+    ent_dir = out / ENTROPY_DIR
+    workers = min(pcfg.num_workers, max(1, len(shards)))
+    runner = _Runner(workers, entropy_dir)
+    phase1_seconds, phase1_bytes, phase1_kept = 0.0, 0, 0
+    try:
+        calibration, threshold = None, pcfg.threshold
+        use_ent_dir = False
+        if pcfg.mode == "entropy" and threshold is None:
+            calibration = _read_calibration(out, pcfg)  # a resumed build keeps the θ its shards were made with
+            use_ent_dir = True
+            if calibration is None:
+                # phase 1: entropies of every shard (stored), so calibration costs no extra model pass
+                t = time.perf_counter()
+                jobs = [("entropy", rel, str(p), None, str(ent_dir / rel), None, pcfg.batch_size, pcfg.chunk_len)
+                        for rel, p in shards]
+                for rel, res in runner.map(jobs):
+                    phase1_bytes += res["bytes"]
+                    phase1_kept += not res["computed"]
+                    log.info("patch: entropies of %s %s", rel, "computed" if res["computed"] else "kept")
+                phase1_seconds = time.perf_counter() - t
+                calibration = _calibrate(out, pcfg, ingest_dir, ent_dir)
+            threshold = calibration["threshold"]
+            log.info("patch: θ=%.6g (%.3f bytes/patch on %d sampled docs)", threshold,
+                     calibration["sample_bytes_per_patch"], calibration["docs"])
+        patcher = Patcher.from_config(pcfg, threshold=threshold)
 
-    def model_fn() -> torch.nn.Module:
-        if not model:
-            model.append(_load_entropy_model(entropy_dir))
-        return model[0]
+        t = time.perf_counter()
+        jobs = [("patch", rel, str(p), str(out / rel), str(ent_dir / rel) if use_ent_dir else None, patcher,
+                 pcfg.batch_size, pcfg.chunk_len) for rel, p in shards]
+        results: dict[str, dict] = {}
+        for rel, res in runner.map(jobs):
+            results[rel] = res
+            log.info("patch: %s %s", rel, "kept" if res["skipped"] else "written")
+        phase2_seconds = time.perf_counter() - t
+    finally:
+        runner.close()
+    shutil.rmtree(ent_dir, ignore_errors=True)  # every final shard holds its entropies now
 
-    calibration = None
-    threshold = pcfg.threshold
-    if pcfg.mode == "entropy" and threshold is None:
-        calibration = _calibrate(out, pcfg, ingest_dir, model_fn)
-        threshold = calibration["threshold"]
-        log.info("patch: calibrated θ=%.6g on %d docs (%.3f bytes/patch on the sample)", threshold,
-                 calibration["docs"], calibration["sample_bytes_per_patch"])
-    patcher = Patcher.from_config(pcfg, threshold=threshold)
-
-    jobs = []
-    for split in SPLITS:
-        for doc_path in list_shards(ingest_dir, split):
-            rel = f"{split}/{doc_path.name}"
-            jobs.append((rel, str(doc_path), str(out / rel), patcher, pcfg.batch_size, pcfg.chunk_len))
-    results: dict[str, dict] = {}
-    workers = min(pcfg.num_workers, max(1, len(jobs)))
-    compute_started = time.perf_counter()
-    if workers <= 1:
-        for job in jobs:
-            rel, doc_path, out_path = job[:3]
-            results[rel] = patch_shard(model_fn(), patcher, Path(doc_path), Path(out_path),
-                                       batch_size=pcfg.batch_size, chunk_len=pcfg.chunk_len)
-            log.info("patch: %s %s", rel, "kept" if results[rel]["skipped"] else
-                     f"{results[rel]['bytes'] / max(results[rel]['seconds'], 1e-9):.0f} bytes/s")
-    else:
-        threads = max(1, _cpus() // workers)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(str(entropy_dir), threads)) as pool:
-            for rel, res in pool.map(_worker_run, jobs):
-                results[rel] = res
-                log.info("patch: %s %s", rel, "kept" if res["skipped"] else "written")
-    compute_seconds = time.perf_counter() - compute_started
-
-    computed = [r for r in results.values() if not r["skipped"]]
-    computed_bytes = sum(r["bytes"] for r in computed)
-    bytes_per_s = round(computed_bytes / compute_seconds, 1) if computed and compute_seconds > 0 else None
+    computed_bytes = phase1_bytes + sum(r["computed_bytes"] for r in results.values())
+    written = [r for r in results.values() if not r["skipped"]]
+    seconds = phase1_seconds + phase2_seconds
+    bytes_per_s = round(computed_bytes / seconds, 1) if computed_bytes and seconds > 0 else None
     stats = {split: _stats({k: v for k, v in results.items() if k.startswith(split + "/")}) for split in SPLITS}
     total = _stats(results)
     files = {
@@ -386,16 +465,16 @@ def build_patch(out: Path, pcfg: PatchConfig, ingest_dir: Path, entropy_dir: Pat
         "calibration": calibration,
         "stats": {"all": total, **stats},
         "throughput": {
-            "bytes_computed": computed_bytes, "shards_computed": len(computed),
-            "shards_kept": len(results) - len(computed), "compute_seconds": round(compute_seconds, 3),
-            "bytes_per_s": bytes_per_s, "workers": workers,
-            "torch_threads": torch.get_num_threads() if workers <= 1 else max(1, _cpus() // workers),
-            "batch_size": pcfg.batch_size, "chunk_len": pcfg.chunk_len,
+            "bytes_with_entropies_computed": computed_bytes, "shards_written": len(written),
+            "shards_kept": len(results) - len(written), "entropy_shards_kept": phase1_kept,
+            "entropy_phase_seconds": round(phase1_seconds, 3),
+            "patch_phase_seconds": round(phase2_seconds, 3), "bytes_per_s": bytes_per_s, "workers": workers,
+            "torch_threads_per_worker": runner.threads, "batch_size": pcfg.batch_size, "chunk_len": pcfg.chunk_len,
             "total_seconds": round(time.perf_counter() - started, 3),
         },
         "definitions": {
             "bytes_per_patch": "total tokens / total patches (BOS, EOS and the lone-BOS patch included)",
-            "bytes_per_s": "document bytes of the shards computed in this build / their wall time",
+            "bytes_per_s": "document bytes whose entropies this build computed / seconds of the shard passes",
         },
     }
 
@@ -418,5 +497,5 @@ def run_patch(cfg: PipelineConfig, ingest: dict, entropy: dict) -> dict[str, Any
     )
 
 
-__all__ = ["PATCH_SCHEMA", "STAGE", "VERSION", "build_patch", "compute_entropies", "key_for", "patch_shard",
-           "run_patch"]
+__all__ = ["PATCH_SCHEMA", "STAGE", "VERSION", "build_patch", "compute_entropies", "entropy_shard", "key_for",
+           "patch_shard", "run_patch"]

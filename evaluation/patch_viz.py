@@ -155,14 +155,14 @@ def token_entropies(model: torch.nn.Module, tokens, chunk_len: int | None = None
     position sees the same context as in one pass (sliding-window attention).
     """
     ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long).view(1, -1)
-    if hasattr(model, "entropies"):
-        try:
-            return np.asarray(model.entropies(ids)[0].float().cpu().numpy(), dtype=np.float32)
-        except TypeError:
-            pass
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     window = int(getattr(cfg, "window", 512) or 512)
     max_len = chunk_len or int(getattr(cfg, "max_seqlen", 8192) or 8192)
+    if hasattr(model, "entropies"):  # ByteLM: streams long inputs through its rolling cache
+        try:
+            return np.asarray(model.entropies(ids, chunk_len=max_len)[0].float().cpu().numpy(), dtype=np.float32)
+        except TypeError:
+            pass
     max_len = max(max_len, window + 1)
     L = ids.shape[1]
     out = torch.empty(L, dtype=torch.float32)

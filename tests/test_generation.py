@@ -88,3 +88,17 @@ def test_sample_next_rules():
     assert sample_next(logits) == 70
     g = torch.Generator().manual_seed(0)
     assert {sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(20)} == {70}
+
+
+def test_python_hash_ids_match_torch():
+    from blt_model.hashing import hash_ids
+
+    blt, ent = _models()
+    blt.cfg.hash_functions  # noqa: B018
+    state = BLTDecoderState(blt, Patcher(mode="byte"), None)
+    toks = [1] + [b + 4 for b in PROMPT]
+    cfg = blt.cfg
+    for i in range(1, len(toks) + 1):
+        state.tokens = toks[:i]
+        want = hash_ids(torch.tensor([toks[:i]]), cfg.hash_sizes, cfg.hash_functions, cfg.hash_vocab)[0, -1]
+        assert state._hash_ids_last() == want.tolist()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from blt_model.hashing import PRIMES, byte_group_hash, hash_embedding_sum, hash_ids, prime_powers, rolling_polynomial_hash
+from blt_model.hashing import (
+    PRIMES,
+    byte_group_hash,
+    hash_embedding_sum,
+    hash_ids,
+    prime_powers,
+    rolling_polynomial_hash,
+)
 
 HELLO = torch.tensor([[1, 76, 105, 112, 112, 115]])  # BOS + "Hello" (+4 offset)
 

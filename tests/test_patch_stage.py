@@ -204,9 +204,9 @@ cfg = PipelineConfig.model_validate(json.loads(sys.argv[1]))
 ingest, entropy = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 orig = ps.write_table_atomic
 calls = [0]
-def slow(path, table):  # the second shard hangs mid-write, after its temp file exists
+def slow(path, table):  # write number KILL_AT hangs mid-write, after its temp file exists
     calls[0] += 1
-    if calls[0] == 2:
+    if calls[0] == int(sys.argv[4]):
         from blt_pipeline.stage import atomic_path
         with atomic_path(path) as tmp:
             tmp.write_bytes(b"partial")
@@ -218,13 +218,19 @@ ps.run_patch(cfg, ingest, entropy)
 """
 
 
-def test_kill_mid_shard_then_resume_identical(stages, tmp_path):
+@pytest.mark.parametrize("phase", ["entropies", "patch lengths"])
+def test_kill_mid_shard_then_resume_identical(stages, tmp_path, phase):
+    """Calibrating builds write every shard's entropies (phase 1), calibrate, then the patch shards (phase 2)."""
     cfg, ingest, entropy = stages
     reference = run_patch(cfg, ingest, entropy)  # uninterrupted
+    n_shards = len(json.loads(Path(reference["manifest"]).read_text())["files"]) - 1  # minus calibration.json
+    assert n_shards >= 3
+    kill_at = 2 if phase == "entropies" else n_shards + 2  # the 2nd shard of the phase
     c = cfg.model_copy(update={"workdir": str(tmp_path / "wd")})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, c.model_dump_json(by_alias=True), json.dumps(ingest), json.dumps(entropy)],
+        [sys.executable, "-c", KILL_SCRIPT, c.model_dump_json(by_alias=True), json.dumps(ingest), json.dumps(entropy),
+         str(kill_at)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True,
     )
     try:
@@ -242,11 +248,37 @@ def test_kill_mid_shard_then_resume_identical(stages, tmp_path):
     out = Path(c.workdir) / "patch" / reference["key"][:16]
     assert not (out / "manifest.json").exists()
     assert list(out.rglob(".*.tmp"))  # the killed write left only its temp file
-    assert len(list(out.rglob("shard-*.arrow"))) == 1  # the first shard was finished
+    finished = [p for p in out.rglob("shard-*.arrow") if "_entropies" not in p.parts]
+    assert len(finished) == (0 if phase == "entropies" else 1)
+    assert len(list(out.rglob("_entropies/*/shard-*.arrow"))) == (1 if phase == "entropies" else n_shards)
     resumed = run_patch(c, ingest, entropy)
     assert not resumed["cached"] and resumed["key"] == reference["key"]
-    assert not list(out.rglob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp")) and not (out / "_entropies").exists()
     assert patch_files(resumed) == patch_files(reference)
-    manifest = json.loads(Path(resumed["manifest"]).read_text())
-    assert manifest["throughput"]["shards_kept"] == 1
+    throughput = json.loads(Path(resumed["manifest"]).read_text())["throughput"]
+    assert (throughput["entropy_shards_kept"], throughput["shards_kept"]) == ((1, 0) if phase == "entropies"
+                                                                               else (0, 1))
     assert run_patch(c, ingest, entropy)["cached"]
+
+
+# ------------------------------------------------------------------------------------------ the flow
+def test_patch_flow_runs_upstream_then_patch(prefect_harness, corpus, tmp_path, monkeypatch):
+    """patch_flow with the real ingest and patch stages and a stand-in train_entropy (no training run)."""
+    import importlib.machinery
+    import types
+
+    from flows import tasks as T
+    from flows.patch import patch_flow
+
+    name = "_stand_in_train_entropy"
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    mod.run = lambda cfg, ingest: fake_entropy_stage(cfg, ingest, tiny_model())
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(T.RUNNERS, "train_entropy", (name, "run"))
+    cfg = make_cfg(tmp_path / "wd", corpus)
+    result = patch_flow(cfg)
+    assert result["stage"] == "patch" and result["summary"]["docs"] > 0
+    assert (Path(result["dir"]) / "manifest.json").exists()
+    again = patch_flow(cfg)
+    assert again["key"] == result["key"] and again["run"]["status"] in ("cached", "reused")

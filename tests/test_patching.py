@@ -20,7 +20,7 @@ from blt_model.patching import (
     split_long_patches,
     static_patch_lengths,
 )
-from blt_model.vocab import BOS_ID, EOS_ID, encode
+from blt_model.vocab import BOS_ID, encode
 from blt_pipeline.config import PatchConfig
 
 H = [5.0, 1.0, 2.0, 0.5, 3.0, 0.2, 0.1, 4.0]  # N = 8 tokens

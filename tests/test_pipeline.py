@@ -362,7 +362,7 @@ def test_sigkilled_stage_leaves_nothing_complete(tmp_path):
 
 
 def _training_procs(workdir: Path) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if "training.run" in line and str(workdir) in line]
 
 
@@ -372,7 +372,8 @@ def test_ctrl_c_on_blt_run_stops_training(tmp_path):
     cmd = [sys.executable, "-m", "blt_pipeline.cli", "run", "--workdir", str(workdir)]
     for item in SMALL + ["entropy.train.max_steps=5000", "wandb.mode=disabled"]:
         cmd += ["--set", item]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+    log = open(tmp_path / "blt-run.log", "w+")  # a file, not a pipe: nobody reads it while it runs
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
                          start_new_session=True, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -384,7 +385,8 @@ def test_ctrl_c_on_blt_run_stops_training(tmp_path):
         assert p.poll() is None and _training_procs(workdir), "training did not start"
         t1 = time.monotonic()
         p.send_signal(2)  # what Ctrl-C sends to the foreground process
-        out, _ = p.communicate(timeout=60)
+        p.wait(timeout=60)
+        out = (tmp_path / "blt-run.log").read_text()
         print(f"training started after {t1 - t0:.1f} s; `blt run` exited {time.monotonic() - t1:.1f} s after SIGINT")
         assert p.returncode != 0, out[-2000:]
         time.sleep(1)
@@ -394,3 +396,4 @@ def test_ctrl_c_on_blt_run_stops_training(tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, 9)
             p.wait()
+        log.close()

@@ -10,8 +10,15 @@ import torch
 from blt_model.vocab import BOS_ID, EOS_ID, encode_array
 from data.shards import DOC_SCHEMA, shard_name, write_table_atomic
 from training.datamodule import PackedBatches
-from training.packing import (BytePacker, DocSource, PackingError, PatchPacker, byte_batch, check_patch_batch,
-                              patch_batch)
+from training.packing import (
+    BytePacker,
+    DocSource,
+    PackingError,
+    PatchPacker,
+    byte_batch,
+    check_patch_batch,
+    patch_batch,
+)
 
 PATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("entropies", pa.list_(pa.float16())),
                           ("patch_lengths", pa.list_(pa.int32()))])

@@ -7,6 +7,7 @@ the subprocess path (launcher, fail hook, W&B) is covered by ``test_training_sta
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from training.artifacts import load_model, save_model
 from training.callbacks import FAIL_ENV, InjectedFailure
 from training.run import main as run_main
 
-DOCS = ["/work/shared/docs", "/work/main/docs"]
+# real text that ships with the project: its docs and the model sources
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [str(REPO / "docs"), str(REPO / "blt_model")]
 
 
 def tiny_cfg(workdir, extra: list[str] | None = None):
@@ -35,7 +38,7 @@ def tiny_cfg(workdir, extra: list[str] | None = None):
         "blt.train.seq_len=16", "blt.train.max_bytes_per_row=96", "blt.train.batch_size=4",
         "blt.train.max_steps=8", "blt.train.warmup_steps=2", "blt.train.val_every_n_steps=4",
         "blt.train.val_batches=2", "blt.train.ckpt_every_n_steps=4", "blt.train.log_every_n_steps=2",
-        "patch.mode=entropy", "patch.threshold=2.0", "patch.chunk_len=512",
+        "patch.mode=static", "patch.static_size=8", "patch.chunk_len=512",
         "wandb.mode=disabled", *(extra or []),
     ], workdir=str(workdir))
 
@@ -135,6 +138,9 @@ def test_blt_batches_reach_the_model_with_invariants(data, tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["patch_lengths"].shape == (4, 16) and (batch["patch_lengths"][:, 0] == 1).all()
     assert (batch["patch_lengths"].sum(1) == batch["x"].shape[1] + 1).all() and batch["x"].shape[1] <= 96
+    # static patches of 8 bytes: 16 patches would need ~128 bytes, so rows stop at the 96-byte cap and end
+    # in zero-length patches, which the model must accept
+    assert (batch["patch_lengths"] == 0).any() and batch["mask"].sum(1).max() == 96
 
 
 def test_baseline_entry_point(data, tmp_path, monkeypatch):

@@ -12,12 +12,14 @@ from training.callbacks import FAIL_ENV
 from training.launch import TrainingFailed
 from training.wandb_utils import X_AXIS, offline_runs, read_offline_run
 
-DOCS = ["/work/shared/docs", "/work/main/docs"]
+# real text that ships with the project: its docs and the model sources
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [str(REPO / "docs"), str(REPO / "blt_model")]
 
 
 def cfg_for(workdir, extra: list[str] | None = None):
     return load_config("tiny", [
-        f"name=trtest",
+        "name=trtest",
         f"data.sources=[{{kind: files, paths: {json.dumps(DOCS)}}}]",
         "data.val_fraction=0.2", "data.max_doc_bytes=2048",
         "entropy.model.shape={dim: 32, n_layers: 1, n_heads: 2, ffn_dim: 64}",
