@@ -91,6 +91,21 @@ class _KV:
         return self.k[:, :, self.n - m: self.n], self.v[:, :, self.n - m: self.n]
 
 
+class _Norm:
+    """``layers.RMSNorm`` as one fused op (``F.rms_norm``, same formula) for fp32 activations."""
+
+    __slots__ = ("mod", "shape")
+
+    def __init__(self, mod):
+        self.mod = mod
+        self.shape = (mod.weight.shape[0],)
+
+    def __call__(self, x):
+        if x.dtype != torch.float32:
+            return self.mod(x)
+        return F.rms_norm(x, self.shape, self.mod.weight, self.mod.eps)
+
+
 class _FusedBlock:
     """One ``layers.TransformerBlock`` stepped incrementally, with its q/k/v and gate/up weights fused once.
 
@@ -98,7 +113,7 @@ class _FusedBlock:
     ``apply_rope`` are used, only the weight concatenation and the K/V bookkeeping differ.
     """
 
-    __slots__ = ("blk", "w_qkv", "w_gu", "hq", "hk", "H", "Hkv", "D", "hidden")
+    __slots__ = ("blk", "w_qkv", "w_gu", "hq", "hk", "H", "Hkv", "D", "hidden", "n1", "n2")
 
     def __init__(self, blk):
         a, mlp = blk.self_attn, blk.mlp
@@ -108,11 +123,12 @@ class _FusedBlock:
         self.H, self.Hkv, self.D = a.n_heads, a.n_kv_heads, a.head_dim
         self.hq, self.hk = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         self.hidden = mlp.hidden
+        self.n1, self.n2 = _Norm(blk.input_layernorm), _Norm(blk.post_attention_layernorm)
 
     def __call__(self, x, cos, sin, q_pos, kv: _KV, window: int | None):
         B, L, _ = x.shape
         blk = self.blk
-        q, k, v = F.linear(blk.input_layernorm(x), self.w_qkv).split((self.hq, self.hk, self.hk), dim=-1)
+        q, k, v = F.linear(self.n1(x), self.w_qkv).split((self.hq, self.hk, self.hk), dim=-1)
         q = apply_rope(q.view(B, L, self.H, self.D), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, L, self.Hkv, self.D), cos, sin).transpose(1, 2)
         v = v.view(B, L, self.Hkv, self.D).transpose(1, 2)
@@ -128,7 +144,7 @@ class _FusedBlock:
             mask = attention_mask(q_pos, k_pos, window)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         h = x + blk.self_attn.o_proj(o.transpose(1, 2).reshape(B, L, self.hq))
-        g, u = F.linear(blk.post_attention_layernorm(h), self.w_gu).split((self.hidden, self.hidden), dim=-1)
+        g, u = F.linear(self.n2(h), self.w_gu).split((self.hidden, self.hidden), dim=-1)
         return h + blk.mlp.down_proj(F.silu(g) * u)
 
 
@@ -211,7 +227,7 @@ class BLTDecoderState:
         self.starts = mask.tolist()
 
     # ----------------------------------------------------------------------------------- one chunk
-    @torch.no_grad()
+    @torch.inference_mode()
     def extend(self, ids, all_logits: bool = False) -> torch.Tensor:
         """Append tokens (a list or 1-D tensor; the first token of a sequence should be BOS).
 
@@ -414,7 +430,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 # --------------------------------------------------------------------------------------------- full recompute
-@torch.no_grad()
+@torch.inference_mode()
 def full_recompute_logits(model: BLT, patcher, entropy_model, tokens) -> torch.Tensor:
     """Logits ``[vocab]`` after ``tokens`` by re-running everything on the whole prefix (the reference way)."""
     ids = torch.as_tensor(tokens, dtype=torch.long, device=next(model.parameters()).device).view(1, -1)
@@ -445,7 +461,7 @@ class Generation:
         return self.data.decode("utf-8", errors="replace")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: BLT, patcher, entropy_model=None, prompt: bytes | str = b"", max_bytes: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
              stop_at_eos: bool = True, profile: bool = False) -> Generation:

@@ -27,20 +27,28 @@ from stored entropies reproduces the stored lengths exactly.
 
 Threshold
 ---------
-``cfg.patch.threshold`` if set; otherwise θ is calibrated before any shard is written
-(``blt_model.patching.calibrate_threshold``, bisection to ``cfg.patch.target_bytes_per_patch``) on a
-deterministic sample: the ``cfg.patch.calibration_docs`` train documents with the smallest sha256(doc_id) (val
-if train is empty). Bytes per patch is total tokens / total patches (BOS, EOS and the BOS patch included; see
-``blt_model.patching``). θ is kept in ``calibration.json`` so a resumed build uses the same θ.
+``cfg.patch.threshold`` if set (one pass: entropies and patch lengths shard by shard). Otherwise (entropy mode)
+the build has two phases so no document goes through the model twice: (1) the entropies of every shard are
+written to ``_entropies/{train,val}/shard-NNNNN.arrow`` (``doc_id, entropies``); (2) θ is calibrated
+(``blt_model.patching.calibrate_threshold``, bisection to ``cfg.patch.target_bytes_per_patch``) on the stored
+entropies of a deterministic sample -- the ``cfg.patch.calibration_docs`` train documents with the smallest
+sha256(doc_id) (val if train is empty) -- and kept in ``calibration.json``; then the patch shards are written
+from the stored entropies and ``_entropies/`` is removed. Bytes per patch is total tokens / total patches (BOS,
+EOS and the BOS patch included; see ``blt_model.patching``).
 
 Resume and parallelism
 ----------------------
 Each shard is written atomically (``data.shards.write_table_atomic``). On a re-run of an incomplete stage, a
-patch shard that exists and validates (same row count and doc_ids as its doc shard, same patcher metadata) is
-kept; a build killed mid-shard leaves only a temporary file, which ``run_stage`` removes. Output bytes are a
+patch shard (or phase-1 entropy shard) that exists and validates (same row count and doc_ids as its doc shard,
+same patcher metadata) is kept, and a saved ``calibration.json`` is reused; a build killed mid-shard leaves only
+a temporary file, which ``run_stage`` removes. On the same hardware and thread count the output bytes are a
 function of the inputs only, so a resumed build produces the same files as an uninterrupted one.
 Shards are spread over ``cfg.patch.num_workers`` processes (spawned; each loads the model and takes
-``cpus // num_workers`` torch threads); ``num_workers=1`` runs in this process with its thread setting.
+``cpus // num_workers`` torch threads); ``num_workers=1`` runs in this process with its thread setting. The
+model runs on the GPU when CUDA is available (still fp32), else on the CPU.
+
+Cost: attention is computed densely over ``chunk_len + window`` keys per query, so on CPUs a ``chunk_len`` of
+one to two windows is fastest (``bench/results/patch.md``); large chunks pay on GPUs.
 """
 
 from __future__ import annotations
@@ -105,12 +113,13 @@ def _rows_entropies(model: torch.nn.Module, rows: list[np.ndarray], chunk_len: i
     ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad (0) after each row's EOS
     for j, r in enumerate(rows):
         ids[j, : r.size] = torch.from_numpy(r)
+    ids = ids.to(next(model.parameters()).device)
     if width <= chunk_len:
         ent = entropy(model(ids))
     else:
         cache = ByteLMCache()
         ent = torch.cat([entropy(model(c, cache=cache)) for c in ids.split(chunk_len, dim=1)], dim=1)
-    ent = ent.float().numpy()
+    ent = ent.float().cpu().numpy()
     return [ent[j, : r.size].copy() for j, r in enumerate(rows)]
 
 
@@ -254,7 +263,8 @@ def _load_entropy_model(entropy_dir: str | Path) -> torch.nn.Module:
     model, _, kind = load_model(entropy_dir)
     if kind not in ("entropy", "baseline"):
         raise ValueError(f"{entropy_dir}: expected an entropy model, found kind {kind!r}")
-    return model.float().eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way
+    return model.float().to(device).eval()
 
 
 class _LazyModel:

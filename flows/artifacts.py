@@ -72,6 +72,8 @@ def wandb_run_dirs(stage_dir: str | Path | None) -> list[str]:
 
 def report_path(result: dict) -> str | None:
     ev = (result.get("stages") or {}).get("evaluate") or {}
+    if isinstance(ev.get("report"), str):
+        return ev["report"]
     summary = ev.get("summary") or {}
     for k in ("report", "report_path", "report_md", "report_html"):
         if isinstance(summary.get(k), str):

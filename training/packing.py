@@ -80,13 +80,15 @@ class DocSource:
         self._docs: list = []
         self._plen: tuple[np.ndarray, np.ndarray] | None = None
         self._order_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._shard_order: tuple[int, np.ndarray] | None = None
 
     # orders ---------------------------------------------------------------------------------------------
     def shard_order(self, epoch: int) -> np.ndarray:
-        n = len(self.shards)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(n)
+        if self._shard_order is None or self._shard_order[0] != epoch:
+            n = len(self.shards)
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle else np.arange(n)
+            self._shard_order = (epoch, order)
+        return self._shard_order[1]
 
     def row_order(self, epoch: int, shard: int) -> np.ndarray:
         key = (epoch, shard)
