@@ -172,10 +172,12 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):  # interleaved rounds, best of each: the machine is shared
         s, hf_ents = time_hf_per_doc(hf, tokens, args.device)
         times.setdefault("hf BltPatcher per-doc (8192-token rows)", []).append(s)
+        print(f"hf per-doc: {nbytes / s:,.0f} bytes/s", flush=True)
         for c in chunks:
             s, ents, _ = time_ours(ours, tokens, c)
             ours_ents[c] = ents
             times.setdefault(f"ours chunk_len={c}, batch 8", []).append(s)
+            print(f"ours chunk_len={c}: {nbytes / s:,.0f} bytes/s", flush=True)
     if not args.no_official:
         times["hf official-batched (rows mix documents; reference only)"] = [
             time_hf_official(hf, tokens, args.device)]

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from .entropy_model import entropy
@@ -91,6 +90,17 @@ class _KV:
         return self.k[:, :, self.n - m: self.n], self.v[:, :, self.n - m: self.n]
 
 
+def _rotations(rotary, q_pos: torch.Tensor) -> torch.Tensor:
+    """``cos + i sin`` of a ``layers.RotaryEmbedding`` at ``q_pos`` (complex64 ``[L, D/2]``)."""
+    cos, sin = rotary(q_pos)
+    return torch.complex(cos.float(), sin.float())
+
+
+def _rope_key(rotary) -> tuple:
+    hd, th = getattr(rotary, "head_dim", None), getattr(rotary, "theta", None)
+    return (hd, th) if hd is not None and th is not None else (id(rotary),)
+
+
 class _Norm:
     """``layers.RMSNorm`` as one fused op (``F.rms_norm``, same formula) for fp32 activations."""
 
@@ -125,13 +135,21 @@ class _FusedBlock:
         self.hidden = mlp.hidden
         self.n1, self.n2 = _Norm(blk.input_layernorm), _Norm(blk.post_attention_layernorm)
 
-    def __call__(self, x, cos, sin, q_pos, kv: _KV, window: int | None):
+    def __call__(self, x, rot, q_pos, kv: _KV, window: int | None):
+        """``rot[L, D/2]`` complex64: the RoPE rotations of the new positions (see ``_rotations``)."""
         B, L, _ = x.shape
         blk = self.blk
-        q, k, v = F.linear(self.n1(x), self.w_qkv).split((self.hq, self.hk, self.hk), dim=-1)
-        q = apply_rope(q.view(B, L, self.H, self.D), cos, sin).transpose(1, 2)
-        k = apply_rope(k.view(B, L, self.Hkv, self.D), cos, sin).transpose(1, 2)
-        v = v.view(B, L, self.Hkv, self.D).transpose(1, 2)
+        qkv = F.linear(self.n1(x), self.w_qkv)
+        if x.dtype == torch.float32:  # RoPE on q and k at once, as one complex multiply (apply_rope's math)
+            qk = torch.view_as_complex(qkv[..., : self.hq + self.hk].unflatten(-1, (self.H + self.Hkv, -1, 2)))
+            qk = torch.view_as_real(qk * rot[:, None, :]).flatten(-2)
+            q, k = qk[:, :, : self.H].transpose(1, 2), qk[:, :, self.H:].transpose(1, 2)
+        else:
+            cos, sin = torch.view_as_real(rot).unbind(-1)
+            q = apply_rope(qkv[..., : self.hq].unflatten(-1, (self.H, self.D)), cos, sin).transpose(1, 2)
+            k = apply_rope(qkv[..., self.hq: self.hq + self.hk].unflatten(-1, (self.Hkv, self.D)), cos,
+                           sin).transpose(1, 2)
+        v = qkv[..., self.hq + self.hk:].unflatten(-1, (self.Hkv, self.D)).transpose(1, 2)
         kv.append(k, v)
         span = kv.n if window is None else min(kv.n, L + window - 1)  # every key a new query can see
         keys, values = kv.last(span)
@@ -264,10 +282,10 @@ class BLTDecoderState:
                                         cfg.hash_vocab)
                 h = h + hh[:, -L:]
         enc = m.local_encoder
-        cos, sin = enc.rotary_emb(q_pos)
+        rot = _rotations(enc.rotary_emb, q_pos)
         layer_out = []
         for blk, cache in zip(self.enc_blocks, self.enc_caches):
-            h = blk(h, cos, sin, q_pos, cache, cfg.window)
+            h = blk(h, rot, q_pos, cache, cfg.window)
             layer_out.append(h)
         t0 = self._tick("encoder", t0)
 
@@ -285,12 +303,13 @@ class BLTDecoderState:
         d_np = cum[n0 + 1: n0 + L + 1] - 1
         d = torch.as_tensor(d_np, dtype=torch.long, device=self.device)
         dec = m.local_decoder
-        cos, sin = dec.rotary_emb(q_pos)
+        if _rope_key(dec.rotary_emb) != _rope_key(enc.rotary_emb):
+            rot = _rotations(dec.rotary_emb, q_pos)  # else: the encoder's rotations serve the decoder too
         x = h
         for i, (blk, cache) in enumerate(zip(self.dec_blocks, self.dec_caches)):
             if i == 0 or dec.all_layers:
                 x = x + self._decoder_cross(i, x, d)  # double residual, as LocalDecoder.forward
-            x = blk(x, cos, sin, q_pos, cache, cfg.window)
+            x = blk(x, rot, q_pos, cache, cfg.window)
         x = x if all_logits else x[:, -1:]
         logits = m.lm_head(dec.norm(x)).float()[0]
         self._tick("decoder", t0)
@@ -339,9 +358,9 @@ class BLTDecoderState:
         """The entropy model (``ByteLM``) on the new tokens against its own rolling K/V (sliding window)."""
         em = self.entropy_model
         h = em.embed_tokens(ids)
-        cos, sin = em.rotary_emb(q_pos)
+        rot = _rotations(em.rotary_emb, q_pos)
         for blk, cache in zip(self.ent_blocks, self.ent_caches):
-            h = blk(h, cos, sin, q_pos, cache, em.window)
+            h = blk(h, rot, q_pos, cache, em.window)
         return em.lm_head(em.norm(h)).float()
 
     def _buffer(self, layer_out, a: int, b: int) -> None:
@@ -394,9 +413,9 @@ class BLTDecoderState:
             x = g.token_embedding_projection(x)
         p0 = self.n_patches_done
         q_pos = torch.arange(p0, p0 + n_new, device=self.device)
-        cos, sin = g.rotary_emb(q_pos)
+        rot = _rotations(g.rotary_emb, q_pos)
         for blk, cache in zip(self.glob_blocks, self.glob_caches):
-            x = blk(x, cos, sin, q_pos, cache, None)
+            x = blk(x, rot, q_pos, cache, None)
         dec = m.local_decoder
         new_slots = dec.patch_embedding_projection(x).view(1, n_new, dec.k, self.cfg.decoder.dim)
         for i, ca in enumerate(dec.cross_attn_layers):  # decoder cross-attention K/V of the new patches

@@ -310,7 +310,7 @@ def _log_wandb(cfg: PipelineConfig, key: str, out: Path, metrics: dict, pics, pl
         import wandb
 
         from blt_pipeline.stage import code_version
-        from evaluation.patch_viz import picture_html_fragment, pictures_html  # noqa: F401
+        from evaluation.patch_viz import pictures_html
 
         run = wandb.init(
             project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or cfg.name,
@@ -397,7 +397,7 @@ def render_report(cfg: PipelineConfig, m: dict, plot: Path | None, pic_files: di
         lines += ["## Validation BPB against training FLOPs", "", f"![val BPB vs training FLOPs]({plot.name})", ""]
     if pic_files:
         lines += ["## Patch pictures", "",
-                  f"[patches.html](patches.html): text with patch boundaries, bytes shaded by entropy.", ""]
+                  "[patches.html](patches.html): text with patch boundaries, bytes shaded by entropy.", ""]
         for k, p in pic_files.items():
             if k.startswith("png"):
                 lines.append(f"![patches]({Path(p).name})")

@@ -90,13 +90,25 @@ cmd_worker() {
   echo "worker on pool $POOL (pid $(cat "$STATE/worker.pid"), logs $STATE/worker.log)"
 }
 
+descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
+
 stop_one() {
-  local name=$1 pidfile="$STATE/$1.pid" pid i
+  local name=$1 pidfile="$STATE/$1.pid" pid i kids
   if ! alive "$pidfile"; then rm -f "$pidfile"; return 0; fi
   pid=$(cat "$pidfile")
+  # flow runs a worker started live in their own sessions (and training in theirs): stop them too
+  kids=$(descendants "$pid")
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  [[ -n "$kids" ]] && kill -TERM $kids 2>/dev/null || true
   for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -KILL -- "-$pid" 2>/dev/null || true
+  for i in $(seq 1 30); do
+    # shellcheck disable=SC2086
+    [[ -z "$kids" ]] || ! kill -0 $kids 2>/dev/null && break; sleep 0.5
+  done
+  # shellcheck disable=SC2086
+  [[ -n "$kids" ]] && kill -KILL $kids 2>/dev/null || true
   rm -f "$pidfile"
   echo "stopped $name (pid $pid)"
 }

@@ -231,11 +231,13 @@ def small_config(workdir: Path, extra: list[str] | None = None) -> PipelineConfi
 def first_run(tmp_path_factory, prefect_harness):
     from flows.pipeline import run_pipeline
 
-    os.environ["BLT_TRAIN_RETRIES"] = "0"
     cfg = small_config(tmp_path_factory.mktemp("pipeline") / "runs")
-    started = time.monotonic()
-    result = run_pipeline(cfg)
-    return cfg, result, time.monotonic() - started
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLT_TRAIN_RETRIES", "0")  # a failure here should fail the test, not back off and retry
+        started = time.monotonic()
+        result = run_pipeline(cfg)
+        wall = time.monotonic() - started
+    return cfg, result, wall
 
 
 def _written_at(result) -> dict[str, str]:
@@ -261,7 +263,7 @@ def test_pipeline_completes_on_cpu(first_run):
     assert {"entropy_val_bpb", "bytes_per_patch", "blt_val_bpb"} <= set(h), h
     assert result["wandb_dirs"], "offline W&B runs are listed for `wandb sync`"
     text = format_summary(result)
-    assert result["stages"]["train_blt"]["dir"] in text and "wandb sync" in text.lower() or "W&B" in text
+    assert result["stages"]["train_blt"]["dir"] in text and "wandb sync" in text
     print(f"\nfirst run: {wall:.1f} s\n{text}")
 
 
@@ -294,6 +296,7 @@ def test_interrupted_train_blt_resumes_to_the_same_weights(first_run, tmp_path, 
     # W&B is not part of any key; disabled here because an offline run resumed after a failure currently
     # dies with "run ID ... is in use" (training/wandb_utils.py; reported to the training stage's owner)
     cfg_b = load_config("tiny", SMALL + ["wandb.mode=disabled"], workdir=str(workdir))
+    monkeypatch.setenv("BLT_TRAIN_RETRIES", "0")  # the injected failure must fail the flow run
     monkeypatch.setenv("BLT_FAIL_AFTER_STEPS", "10")  # only train_blt trains here: upstream is complete
     with pytest.raises(Exception, match="exited with code|InjectedFailure|injected"):
         run_pipeline(cfg_b)

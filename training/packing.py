@@ -243,27 +243,39 @@ class PatchPacker:
 
     def next_row(self) -> tuple[np.ndarray, np.ndarray] | None:
         """``(tokens, patch_lengths)`` with lengths summing to ``len(tokens)``, or None at the end."""
-        s, cap = self.state, self.max_bytes + 1
+        s, cap, budget = self.state, self.max_bytes + 1, self.seq_len
         toks: list[np.ndarray] = []
-        lens: list[int] = []
-        n = 0
-        while len(lens) < self.seq_len and n < cap and self.cursor.current():
+        lens: list[np.ndarray] = []
+        n = k = 0  # tokens and patches in the row so far
+        while k < budget and n < cap and self.cursor.current():
             c = self.cursor
-            p_left = int(c.lengths[s.patch_idx]) - s.patch_off
-            take = 1 if not lens else min(p_left, cap - n)  # rule 1, rule 2
             start = int(c.starts[s.patch_idx]) + s.patch_off
-            toks.append(c.tokens[start: start + take])
+            whole = False
+            if k == 0:  # rule 1: the row's first patch is one token (a split patch when p > 1)
+                take = np.ones(1, dtype=np.int64)
+            else:  # whole patches of this document while they fit (vectorised), else part of one (rule 2)
+                rem = c.lengths[s.patch_idx: s.patch_idx + budget - k].copy()
+                rem[0] -= s.patch_off
+                fit = int(np.searchsorted(np.cumsum(rem), cap - n, side="right"))
+                whole = fit > 0
+                take = rem[:fit] if whole else np.array([cap - n], dtype=np.int64)
+            width = int(take.sum())
+            toks.append(c.tokens[start: start + width])
             lens.append(take)
-            n += take
-            s.patch_off += take
-            if s.patch_off == int(c.lengths[s.patch_idx]):
-                s.patch_idx, s.patch_off = s.patch_idx + 1, 0
-                if s.patch_idx == c.lengths.size:
-                    c.next_doc()
+            n += width
+            k += take.size
+            if whole:  # whole patches consumed (the first of them possibly partly used before)
+                s.patch_idx, s.patch_off = s.patch_idx + take.size, 0
+            else:  # part of the current patch (a row's first token, or a cut at the byte cap)
+                s.patch_off += width
+                if s.patch_off == int(c.lengths[s.patch_idx]):
+                    s.patch_idx, s.patch_off = s.patch_idx + 1, 0
+            if s.patch_idx == c.lengths.size:
+                c.next_doc()
         if n < 2:
             return None
         s.rows += 1
-        return np.concatenate(toks), np.asarray(lens, dtype=np.int64)
+        return np.concatenate(toks), np.concatenate(lens).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------- batches
