@@ -31,16 +31,28 @@ MANIFEST = "manifest.json"
 KEY_PREFIX = 16
 
 
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):  # nested models (e.g. inside key_extra) hash as JSON, never as repr
+        return obj.model_dump(mode="json", by_alias=True)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot put {type(obj).__name__} into a stage key")
+
+
 def canonical_json(obj: Any) -> str:
-    if isinstance(obj, BaseModel):
-        obj = json.loads(obj.model_dump_json(by_alias=True))
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_jsonable)
 
 
 def stage_key(stage: str, config: Any, inputs: dict[str, str] | None = None, version: str = "1") -> str:
     """sha256 of (stage, canonical config, input keys, version): same inputs, same key."""
     payload = canonical_json({"stage": stage, "config": config, "inputs": inputs or {}, "version": version})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def compute_key(stage: str, config: Any, inputs: dict[str, str] | None, version: str, key_extra: Any = None) -> str:
+    """The key ``run_stage`` uses: ``key_extra`` (e.g. source fingerprints) joins the config in the hash."""
+    key_config = config if key_extra is None else {"config": config, "extra": key_extra}
+    return stage_key(stage, key_config, inputs, version)
 
 
 def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
@@ -194,8 +206,7 @@ def run_stage(
     holds headline numbers). Returns a small dict: stage, key, dir, cached, summary, manifest path.
     ``key_extra`` joins the key without being part of the recorded config (e.g. source fingerprints).
     """
-    key_config = config if key_extra is None else {"config": config, "extra": key_extra}
-    key = stage_key(stage, key_config, inputs, version)
+    key = compute_key(stage, config, inputs, version, key_extra)
     out = stage_dir(workdir, stage, key)
 
     def result(manifest: dict, cached: bool) -> dict[str, Any]:

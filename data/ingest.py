@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from blt_pipeline.config import IngestConfig, PipelineConfig
-from blt_pipeline.stage import run_stage
+from blt_pipeline.stage import compute_key, run_stage
 from data.shards import DOC_SCHEMA, SPLITS, ShardWriter, iter_table_docs, read_shard, shard_name
 from data.sources import IngestError, Source, SourceStats, build_sources
 
@@ -307,6 +307,12 @@ def ingest_fingerprints(data_cfg: IngestConfig) -> tuple[list[Source], list[dict
     return sources, [s.fingerprint() for s in sources]
 
 
+def key_for(cfg: PipelineConfig) -> str:
+    """The stage key ``run_ingest`` will use (reads source metadata only, no contents)."""
+    _, fingerprints = ingest_fingerprints(cfg.data)
+    return compute_key(STAGE, cfg.data, None, VERSION, key_extra=fingerprints)
+
+
 def run_ingest(cfg: PipelineConfig) -> dict[str, Any]:
     """Run (or reuse) the ingest stage for ``cfg``; returns the stage result dict (see run_stage)."""
     data_cfg = cfg.data
@@ -318,4 +324,4 @@ def run_ingest(cfg: PipelineConfig) -> dict[str, Any]:
     )
 
 
-__all__ = ["IngestError", "SplitWriter", "build_ingest", "ingest_fingerprints", "run_ingest", "split_of"]
+__all__ = ["IngestError", "SplitWriter", "build_ingest", "ingest_fingerprints", "key_for", "run_ingest", "split_of"]

@@ -33,7 +33,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from blt_pipeline.config import ConfigError, PipelineConfig
-from blt_pipeline.stage import MANIFEST, read_manifest, stage_dir, stage_key
+from blt_pipeline.stage import MANIFEST, read_manifest, stage_dir
 
 STAGES: tuple[str, ...] = ("ingest", "train_entropy", "patch", "train_blt", "evaluate")
 
@@ -97,7 +97,7 @@ def stage_key_for(cfg: PipelineConfig, stage: str, upstream: dict[str, Any]) -> 
     if keys is None or not stage_available(stage):
         return None
     mod = _module(stage)
-    key_for = getattr(mod, "key_for", None) or _MIRRORS.get(stage)
+    key_for = getattr(mod, "key_for", None)
     if key_for is None:
         return None
     args = [upstream[n] if isinstance(upstream[n], dict) else {"key": upstream[n]} for n in UPSTREAM[stage]]
@@ -110,26 +110,6 @@ def stage_key_for(cfg: PipelineConfig, stage: str, upstream: dict[str, Any]) -> 
             get_run_logger().warning("%s: cannot compute the stage key ahead (%s); Prefect cache skipped",
                                      stage, err)
         return None
-
-
-def _mirror_key(stage: str, config: Any, inputs: dict[str, str], version: str, key_extra: Any = None) -> str:
-    """``run_stage``'s key formula (for stages whose module exports no ``key_for``)."""
-    key_config = config if key_extra is None else {"config": config, "extra": key_extra}
-    return stage_key(stage, key_config, inputs, version)
-
-
-def _ingest_key(cfg: PipelineConfig) -> str:
-    """Mirror of ``data.ingest.run_ingest``'s key: ``cfg.data`` plus the source fingerprints as key_extra
-    (planning the sources stats files, it reads none). ``run_stage_task`` checks it against the key the
-    stage returns and logs a warning when they differ."""
-    from data import ingest
-
-    _, fingerprints = ingest.ingest_fingerprints(cfg.data)
-    return _mirror_key(ingest.STAGE, cfg.data, {}, ingest.VERSION, key_extra=fingerprints)
-
-
-#: stage-key mirrors used when the stage module has no ``key_for``
-_MIRRORS: dict[str, Callable[..., str]] = {"ingest": _ingest_key}
 
 
 def complete_manifest(cfg: PipelineConfig, stage: str, key: str | None) -> dict | None:
