@@ -80,7 +80,7 @@ def _statuses(stdout: str) -> dict[str, str]:
     for line in stdout.splitlines():
         parts = line.split()
         if parts and parts[0] in ("ingest", "train_entropy", "patch", "train_blt", "evaluate") and len(parts) > 1:
-            found[parts[0]] = " ".join(parts[1:3])
+            found.setdefault(parts[0], " ".join(parts[1:3]))  # the stage table comes first
     return found
 
 
