@@ -54,10 +54,11 @@ class RotaryEmbedding(nn.Module):
             c[0], positions
         ):
             return c[1], c[2]
-        exps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        # angles in float64: fp32 loses ~0.01 rad at positions beyond ~1e5 (long documents)
+        exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=positions.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exps)
-        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-        cos, sin = freqs.cos(), freqs.sin()
+        freqs = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+        cos, sin = freqs.cos().float(), freqs.sin().float()
         self._cache = (positions.clone(), cos, sin)
         return cos, sin
 

@@ -122,7 +122,7 @@ class PatchConfig(StrictModel):
     max_patch_length: int | None = Field(default=None, gt=0)
     static_size: int = Field(default=4, gt=0, description="patch size of mode=static")
     calibration_docs: int = Field(default=256, gt=0, description="val/train docs sampled for calibration")
-    chunk_len: int = Field(default=8192, gt=0, description="entropy model rows; long docs overlap by window")
+    chunk_len: int = Field(default=8192, gt=0, description="tokens per entropy-model call; longer docs continue through its rolling KV cache")
     batch_size: int = Field(default=8, gt=0)
     num_workers: int = Field(default=1, ge=1, description="processes computing entropies")
 
