@@ -24,10 +24,11 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from bench.common import machine_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "generate.md"
@@ -40,18 +41,6 @@ def _ref_json() -> dict:
         if p.exists():
             return json.loads(p.read_text())
     raise FileNotFoundError("blt_cpu_reference.json not found")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def build(ref: dict):
@@ -144,7 +133,7 @@ def main(argv=None) -> dict:
     bps = {k: n / v for k, v in med.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items() if v}
     res = {
-        "machine": _machine(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_line(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load": os.getloadavg(), "threads": args.threads, "new_bytes": n, "prompt_bytes": len(PROMPT),
         "reps": {"cached": len(cached), "full": len(full), "hf": len(hfs)},
         "seconds": med, "bytes_per_s": bps, "cpu_seconds": cpu_med,

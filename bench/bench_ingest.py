@@ -16,13 +16,14 @@ import argparse
 import base64
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import machine_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ingest.md"
@@ -98,18 +99,6 @@ def child(cfg_json: str, profile: bool) -> None:
                       "summary": res["summary"], "dir": res["dir"]}))
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=1024, help="input size in MB (half txt, half jsonl)")
@@ -161,7 +150,7 @@ def bound(r: dict) -> float:
 def write_results(rows: list[dict]) -> None:
     lines = [
         "# Ingest benchmark (`python -m bench.bench_ingest`)", "",
-        f"- machine: {machine()}",
+        f"- machine: {machine_line()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)",
         "- inputs in the page cache (just generated); output shards fsynced; 64 MB shards; one process",

@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import machine_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "pipeline.md"
@@ -39,18 +40,6 @@ OVERRIDES = [
     "eval.max_val_bytes=20000", "eval.samples=1", "eval.generate_bytes=16",
 ]
 QUICK = ["data.default_corpus_bytes=120000", "eval.baseline=false", "eval.max_val_bytes=5000"]
-
-
-def _machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _env(prefect_home: Path) -> dict:
@@ -112,7 +101,7 @@ def main(argv=None) -> dict:
                 raise RuntimeError(f"a cached re-run rebuilt {rebuilt}:\n{out[-3000:]}")
         inproc = _in_process(work, overrides, phome, reps)
         res = {
-            "machine": _machine(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_line(), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load": os.getloadavg(), "quick": args.quick, "overrides": overrides,
             "first_run_s": round(build_s, 2), "rerun_s": [round(x, 2) for x in reruns],
             "inprocess_rerun_s": [round(x, 3) for x in inproc], "statuses": statuses[-1] if statuses else {},

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHES = ["bench_model", "bench_patch", "bench_ingest", "bench_generate", "bench_pipeline"]
@@ -43,15 +45,7 @@ DESCRIPTIONS = {
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     try:
         import torch
 

@@ -80,14 +80,24 @@ def iter_val_docs(ingest_dir: str | Path, patch_dir: str | Path | None = None, s
             yield ValDoc(doc.doc_id, doc.source, data, tokens, lengths, e)
 
 
-def take_bytes(docs: Iterable[ValDoc], max_bytes: int) -> list[ValDoc]:
-    """Documents in order until ``max_bytes`` target bytes; the last one is cut to fit (marked ``truncated``)."""
+def take_bytes(docs: Iterable[ValDoc], max_bytes: int, sources: list[str] | None = None) -> list[ValDoc]:
+    """Documents in order until ``max_bytes`` target bytes; a document that overflows is cut (``truncated``).
+
+    With ``sources``, every source gets an equal share of ``max_bytes``, so the per-source BPB covers each
+    source even when the shards list one source's documents first.
+    """
+    budgets = {None: max_bytes} if not sources else {s: max(1, max_bytes // len(sources)) for s in sources}
+    used = dict.fromkeys(budgets, 0)
     out: list[ValDoc] = []
-    total = 0
     for d in docs:
-        if total >= max_bytes:
+        key = d.source if sources else None
+        if key not in budgets:
+            continue
+        if all(used[k] >= budgets[k] for k in budgets):
             break
-        room = max_bytes - total
+        room = budgets[key] - used[key]
+        if room <= 0:
+            continue
         if d.n_targets > room:
             n = room + 1  # tokens kept: BOS + room targets
             d = ValDoc(d.doc_id, d.source, d.data[: max(0, n - 1)], d.tokens[:n],
@@ -96,7 +106,7 @@ def take_bytes(docs: Iterable[ValDoc], max_bytes: int) -> list[ValDoc]:
         if d.n_targets <= 0:
             continue
         out.append(d)
-        total += d.n_targets
+        used[key] += d.n_targets
     return out
 
 

@@ -41,7 +41,14 @@ import numpy as np
 import torch
 
 from blt_pipeline.config import PipelineConfig
-from blt_pipeline.stage import atomic_write_bytes, atomic_write_json, atomic_write_text, run_stage, stage_key
+from blt_pipeline.stage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+    run_stage,
+    stage_key,
+)
 
 STAGE = "evaluate"
 VERSION = "1"
@@ -165,7 +172,8 @@ def build_evaluate(out: Path, cfg: PipelineConfig, key: str, ingest: dict, entro
     psum = _summary(patch)
     threshold = _finite(psum.get("threshold"))
     patcher = Patcher.from_config(cfg.patch, threshold=threshold)
-    docs = take_bytes(iter_val_docs(ingest["dir"], patch["dir"]), ecfg.max_val_bytes)
+    sources = sorted((read_manifest(ingest["dir"]) or {}).get("sources", {})) or None
+    docs = take_bytes(iter_val_docs(ingest["dir"], patch["dir"]), ecfg.max_val_bytes, sources)
     if not docs:
         raise ValueError(f"{ingest['dir']}: the val split has no documents to evaluate on "
                          "(raise data.val_fraction)")

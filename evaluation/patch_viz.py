@@ -404,10 +404,10 @@ def cli(args) -> int:
     if (args.text is None) == (args.file is None):
         raise ValueError("pass exactly one of --text or --file")
     data = args.text.encode("utf-8") if args.text is not None else Path(args.file).read_bytes()
-    torch.set_grad_enabled(False)
-    model, _cfg, settings = resolve_entropy_and_patch(args.checkpoint, args.threshold)
-    cap = f"{args.file or 'text'} — {settings.source}"
-    pic = picture(model, settings.patcher, data, caption=cap)
+    with torch.no_grad():
+        model, _cfg, settings = resolve_entropy_and_patch(args.checkpoint, args.threshold)
+        cap = f"{args.file or 'text'} — {settings.source}"
+        pic = picture(model, settings.patcher, data, caption=cap)
     files = write_pictures([pic], args.out)
     print(f"{len(data)} bytes -> {len(pic.segments)} patches ({pic.bytes_per_patch:.2f} bytes/patch, "
           f"θ={pic.threshold})")

@@ -293,9 +293,8 @@ def test_interrupted_train_blt_resumes_to_the_same_weights(first_run, tmp_path, 
     for stage in ("ingest", "train_entropy", "patch"):
         src = Path(first["stages"][stage]["dir"])
         shutil.copytree(src, workdir / stage / src.name)
-    # W&B is not part of any key; disabled here because an offline run resumed after a failure currently
-    # dies with "run ID ... is in use" (training/wandb_utils.py; reported to the training stage's owner)
-    cfg_b = load_config("tiny", SMALL + ["wandb.mode=disabled"], workdir=str(workdir))
+    # W&B stays offline: the failed run is closed by the training process, so the rerun resumes its run id
+    cfg_b = load_config("tiny", SMALL + ["wandb.mode=offline"], workdir=str(workdir))
     monkeypatch.setenv("BLT_TRAIN_RETRIES", "0")  # the injected failure must fail the flow run
     monkeypatch.setenv("BLT_FAIL_AFTER_STEPS", "10")  # only train_blt trains here: upstream is complete
     with pytest.raises(Exception, match="exited with code|InjectedFailure|injected"):

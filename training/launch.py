@@ -109,6 +109,8 @@ def launch_training(stage: str, cfg, out_dir: str | Path, key: str, ingest_dir: 
         result_path.unlink()  # never read a stale result
     cmd = training_command(stage, config_path, out_dir, key, ingest_dir, patch_dir, max_steps, seq_len)
     child_env = dict(os.environ)
+    # a W&B service of this process (e.g. an in-process evaluate run) must not be shared with the child
+    child_env.pop("WANDB_SERVICE", None)
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH")) if p)
     child_env["PYTHONUNBUFFERED"] = "1"

@@ -288,7 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingConfigError as err:
         print(f"training configuration error: {err}", file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT
+    except BaseException:
+        _finish_wandb(exit_code=1)  # close the run now, so a rerun can resume the same run id at once
+        raise
     return 0
+
+
+def _finish_wandb(exit_code: int) -> None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=exit_code)
+        except Exception as err:  # noqa: BLE001 - never mask the training error
+            print(f"warning: could not close the W&B run: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
