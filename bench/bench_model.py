@@ -5,7 +5,7 @@
 Shape: ``shared/bench/blt_cpu_reference.json`` (random init, seed 0, fp32, batch 4 x 1024 random byte ids in
 [4, 260), fixed patch lengths [1, 4, 5, 4, 5, ...] truncated to sum 1024 = 229 patches per row). Our model is
 ``blt_model.convert.from_hf`` of the HF model, so both compute the same function (the max logit difference is
-reported). A step = forward + cross-entropy + backward + AdamW (lr 1e-4) step. Steps alternate ours/HF, and
+reported). A step = forward + cross-entropy + backward + fused AdamW (lr 1e-4) step (the same optimizer for both). Steps alternate ours/HF, and
 the medians of ``--steps`` steps after ``--warmup`` are reported. MFU = analytic training FLOPs/byte
 (``blt_model.flops``, 3x forward model FLOPs) x bytes/s / measured fp32 matmul peak (2048^3, same threads).
 The machine is shared with other jobs: numbers are noisy; interleaving keeps the ratio fair.
@@ -74,8 +74,8 @@ def make_models(ref: dict):
 
 def step_fns(ours, hf, ids, lengths):
     y = torch.roll(ids, -1, dims=1)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    opt_h = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt_h = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def ours_step():
         logits = ours(ids, lengths)

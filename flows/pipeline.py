@@ -21,12 +21,24 @@ from flows.tasks import STAGES, UPSTREAM, results_dir, run_stage_task
 
 
 def _ui_url() -> str | None:
+    """The flow run's page in the Prefect UI; None under the ephemeral API (no UI to link to)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None
     try:
         from prefect.runtime import flow_run
 
-        return flow_run.ui_url
+        url = flow_run.ui_url
     except Exception:  # noqa: BLE001 - ephemeral runs may have no UI
         return None
+    return url if url and url.startswith("http") else None
+
+
+def _log_summary(result: dict) -> None:
+    """Log the summary in runs started from a deployment (the UI); `blt run` prints it itself."""
+    from prefect.runtime import deployment
+
+    if deployment.id:
+        get_run_logger().info("\n%s", format_summary(result))
 
 
 def run_stages(config: PipelineConfig, until: str = "evaluate") -> dict:
@@ -78,7 +90,7 @@ def blt_pipeline(config: PipelineConfig) -> dict:
         config: the whole pipeline configuration (configs/*.yaml); finished stages are reused.
     """
     result = run_stages(config)
-    get_run_logger().info("\n%s", format_summary(result))
+    _log_summary(result)
     return result
 
 
@@ -101,7 +113,7 @@ def blt_pipeline_preset(
     config = load_config(preset, list(overrides or []), workdir=workdir)
     get_run_logger().info("resolved config: %s", config.model_dump_json(by_alias=True))
     result = run_stages(config)
-    get_run_logger().info("\n%s", format_summary(result))
+    _log_summary(result)
     return result
 
 

@@ -105,7 +105,7 @@ class LMModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         c = self.train_cfg
-        fused = self.device.type == "cuda"
+        fused = self.device.type in ("cuda", "cpu")  # fused AdamW: ~4x faster than the for-loop one on CPU
         opt = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8,
                                 weight_decay=c.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
