@@ -28,19 +28,11 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import machine_line
+from bench.common import machine_line, reference_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "generate.md"
 PROMPT = b"def fibonacci(n):\n    a, b = 0, 1\n    for _ in r"  # 48 bytes
-
-
-def _ref_json() -> dict:
-    for p in (ROOT / "shared" / "bench" / "blt_cpu_reference.json", ROOT.parent / "shared" / "bench" /
-              "blt_cpu_reference.json", Path("/work/shared/bench/blt_cpu_reference.json")):
-        if p.exists():
-            return json.loads(p.read_text())
-    raise FileNotFoundError("blt_cpu_reference.json not found")
 
 
 def build(ref: dict):
@@ -101,7 +93,7 @@ def main(argv=None) -> dict:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    ref = _ref_json()
+    ref = reference_json()
     hf, blt, ent, patcher = build(ref)
     n = args.new_bytes
     generate(blt, patcher, ent, PROMPT, 8, stop_at_eos=False)  # warm-up (allocator, RoPE tables)

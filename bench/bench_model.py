@@ -26,15 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import reference_json
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "model.md"
-
-
-def _ref_json() -> dict:
-    for p in (ROOT / "shared" / "bench" / "blt_cpu_reference.json", Path("/work/shared/bench/blt_cpu_reference.json")):
-        if p.exists():
-            return json.loads(p.read_text())
-    raise FileNotFoundError("blt_cpu_reference.json not found")
 
 
 def fixed_lengths(seqlen: int) -> list[int]:
@@ -115,7 +110,7 @@ def main(argv=None) -> dict:
     from blt_model.config import BltConfig
     from blt_model.flops import blt_flops_per_byte
 
-    ref = _ref_json()
+    ref = reference_json()
     B, L = ref["batch"], ref["seqlen"]
     lens = fixed_lengths(L)
     assert len(lens) == ref["fixed_patch_lengths"]["n_patches"], len(lens)

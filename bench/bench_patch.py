@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import reference_json
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "patch.md"
 THRESHOLD = 5.152426242828369  # the reference JSON's patching_threshold (random-init scale)
@@ -61,8 +63,7 @@ def build_models(device: str):
     from blt_model.config import reference_tiny_entropy
     from blt_model.entropy_model import ByteLM
 
-    ref = json.loads((ROOT.parent / "shared" / "bench" / "blt_cpu_reference.json").read_text()) \
-        if (ROOT.parent / "shared" / "bench" / "blt_cpu_reference.json").exists() else None
+    ref = reference_json()
     torch.manual_seed(0)
     ours = ByteLM(reference_tiny_entropy()).eval()
     pk = ref["transformers_BltConfig_kwargs"]["patcher_config"] if ref else {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from blt_model.config import BltConfig, TransformerShape, swiglu_hidden
 from blt_pipeline.cli import main as cli_main
 from blt_pipeline.config import (
     CONFIG_DIR,
@@ -13,7 +14,6 @@ from blt_pipeline.config import (
     load_config,
     parse_override,
 )
-from blt_model.config import BltConfig, TransformerShape, swiglu_hidden
 
 
 def test_every_preset_loads():

@@ -14,9 +14,7 @@ from blt_model.config import BltConfig  # noqa: E402
 from blt_model.convert import configs_from_hf, from_hf, to_hf  # noqa: E402
 from blt_model.entropy_model import ByteLMCache, entropy  # noqa: E402
 
-REF = Path(__file__).resolve().parents[1] / "shared" / "bench" / "blt_cpu_reference.json"
-if not REF.exists():
-    REF = Path("/work/shared/bench/blt_cpu_reference.json")
+REF = Path(__file__).resolve().parents[1] / "bench" / "blt_cpu_reference.json"  # copy of shared/bench/
 
 
 def _kwargs() -> dict:
