@@ -89,6 +89,31 @@ def step_fns(ours, hf, ids, lengths):
     return ours_step, hf_step
 
 
+def baseline_step_fn(ref: dict, ids: torch.Tensor):
+    """Our byte-level baseline (``ByteLM``, full causal window) at the reference Llama shape."""
+    from blt_model.config import EntropyModelConfig, TransformerShape
+    from blt_model.entropy_model import ByteLM
+
+    kw = ref["transformers_LlamaConfig_kwargs"]
+    cfg = EntropyModelConfig(
+        shape=TransformerShape(dim=kw["hidden_size"], n_layers=kw["num_hidden_layers"],
+                               n_heads=kw["num_attention_heads"], n_kv_heads=kw["num_key_value_heads"],
+                               ffn_dim=kw["intermediate_size"]),
+        window=ids.shape[1], rope_theta=kw["rope_parameters"]["rope_theta"], max_seqlen=ids.shape[1])
+    torch.manual_seed(ref["seed"])
+    model = ByteLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    y = torch.roll(ids, -1, dims=1)
+
+    def step():
+        logits = model(ids)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, cfg
+
+
 def profile_top(fn, n: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -108,7 +133,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from blt_model.config import BltConfig
-    from blt_model.flops import blt_flops_per_byte
+    from blt_model.flops import blt_flops_per_byte, bytelm_flops_per_byte
 
     ref = reference_json()
     B, L = ref["batch"], ref["seqlen"]
@@ -122,19 +147,22 @@ def main(argv=None) -> dict:
         diff = (ours(ids, lengths) - hf(input_ids=ids, patch_lengths=lengths, use_cache=False).logits).abs().max()
     flops = blt_flops_per_byte(BltConfig.reference_tiny(), L / len(lens), L)
     ours_step, hf_step = step_fns(ours, hf, ids, lengths)
+    base_step, base_cfg = baseline_step_fn(ref, ids)
+    base_flops = bytelm_flops_per_byte(base_cfg, L)
 
     peaks = [matmul_peak()]
-    t_o, t_h = [], []
+    t_o, t_h, t_b = [], [], []
+    order = [(ours_step, t_o), (hf_step, t_h), (base_step, t_b)]
     for i in range(args.warmup + args.steps):
-        for fn, acc in ((ours_step, t_o), (hf_step, t_h)) if i % 2 == 0 else ((hf_step, t_h), (ours_step, t_o)):
+        for fn, acc in order[i % 3:] + order[: i % 3]:  # rotate the order every step
             t = time.perf_counter()
             fn()
             if i >= args.warmup:
                 acc.append(time.perf_counter() - t)
     peaks.append(matmul_peak())
     peak = max(peaks)
-    med_o, med_h = statistics.median(t_o), statistics.median(t_h)
-    bps_o, bps_h = B * L / med_o, B * L / med_h
+    med_o, med_h, med_b = statistics.median(t_o), statistics.median(t_h), statistics.median(t_b)
+    bps_o, bps_h, bps_b = B * L / med_o, B * L / med_h, B * L / med_b
     res = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
@@ -152,6 +180,11 @@ def main(argv=None) -> dict:
         "train_flops_per_byte": flops["total_train"],
         "ours_mfu": flops["total_train"] * bps_o / peak,
         "hf_mfu": flops["total_train"] * bps_h / peak,
+        "baseline_step_s": t_b,
+        "baseline_bytes_per_s": bps_b,
+        "baseline_train_flops_per_byte": base_flops["total_train"],
+        "baseline_mfu": base_flops["total_train"] * bps_b / peak,
+        "blt_over_baseline": bps_o / bps_b,
     }
     try:
         import transformers
@@ -172,7 +205,7 @@ def main(argv=None) -> dict:
 
 def write_md(res: dict, flops: dict, out: Path) -> None:
     lines = [
-        "# BLT training-step throughput: ours vs transformers BltForCausalLM",
+        "# BLT training-step throughput: ours vs transformers BltForCausalLM vs a byte-level baseline",
         "",
         "`python -m bench.bench_model` (see its docstring for the setup). Reference shape of",
         "`shared/bench/blt_cpu_reference.json`, batch 4 x 1024 bytes, fixed patches [1,4,5,4,5,...] (229/row), fp32,",
@@ -191,8 +224,13 @@ def write_md(res: dict, flops: dict, out: Path) -> None:
         f"{res['ours_mfu']:.2f} |",
         f"| transformers `BltForCausalLM` | {statistics.median(res['hf_step_s']):.3f} | {res['hf_bytes_per_s']:.0f} | "
         f"{res['hf_mfu']:.2f} |",
+        f"| byte-level baseline (our `ByteLM`, reference Llama shape, full causal) | "
+        f"{statistics.median(res['baseline_step_s']):.3f} | {res['baseline_bytes_per_s']:.0f} | "
+        f"{res['baseline_mfu']:.2f} |",
         "",
-        f"**Speed-up: {res['speedup']:.2f}x** (goal 1.5x).",
+        f"**Speed-up: {res['speedup']:.2f}x** over transformers (goal 1.5x); BLT / byte-level baseline "
+        f"bytes/s: {res['blt_over_baseline']:.2f} (baseline train FLOPs/byte "
+        f"{res['baseline_train_flops_per_byte'] / 1e6:.1f}M vs BLT {res['train_flops_per_byte'] / 1e6:.1f}M).",
         "",
         "Per-step times (s): ours " + ", ".join(f"{t:.3f}" for t in res["ours_step_s"]) + "; transformers "
         + ", ".join(f"{t:.3f}" for t in res["hf_step_s"]) + ".",
