@@ -187,13 +187,9 @@ def plot_curves(curves: list[RunCurve], out: str | Path, x: str = "bytes",
 
     ``xs`` maps a run label to its own x values (e.g. training FLOPs) and overrides ``x``.
     """
-    import matplotlib
+    from evaluation.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from blt_pipeline.stage import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for c in curves:
         if not c.val_bpb:
@@ -208,11 +204,7 @@ def plot_curves(curves: list[RunCurve], out: str | Path, x: str = "bytes",
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def compare(run_dirs: list[str | Path], out: str | Path = "compare.png") -> tuple[Path, str]:

@@ -348,13 +348,9 @@ def parse_html_segments(text: str) -> list[list[bytes]]:
 # ------------------------------------------------------------------------------------- PNG
 def plot_picture(pic: PatchPicture, out: str | Path, max_bytes: int = 160) -> Path:
     """Entropy per byte (first ``max_bytes``), the threshold, and a dashed line at each patch start."""
-    import matplotlib
+    from evaluation.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from blt_pipeline.stage import atomic_path
-
+    plt = pyplot()
     n = min(len(pic.data), max_bytes)
     width = min(max(6.0, 0.12 * n + 2), 22.0)
     fig, ax = plt.subplots(figsize=(width, 3.6), dpi=100)
@@ -380,11 +376,7 @@ def plot_picture(pic: PatchPicture, out: str | Path, max_bytes: int = 160) -> Pa
     ax.legend(fontsize=8, loc="upper right")
     ax.set_xlim(-1, max(n, 1))
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def write_pictures(pics: list[PatchPicture], prefix: str | Path, title: str = "BLT patches") -> dict[str, Path]:
