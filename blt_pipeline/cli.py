@@ -139,9 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError, TimeoutError) as err:
-        # ConfigError, IngestError, ShardCorruptError, ... are ValueErrors with a message made for people.
+        # ConfigError, IngestError, ShardCorruptError, ModelFileError, ... are ValueErrors whose message is
+        # made for people.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from training.launch import TrainingFailed
+
+        if isinstance(err, TrainingFailed):  # its message holds the training log's last lines
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

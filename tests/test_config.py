@@ -87,3 +87,9 @@ def test_cli_prints_resolved_config(capsys):
     assert cli_main(["config", "--preset", "tiny", "--set", "seed=7"]) == 0
     out = capsys.readouterr().out
     assert "seed: 7" in out and "global:" in out
+
+
+def test_cli_missing_checkpoint_is_one_line(capsys, tmp_path):
+    rc = cli_main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "missing" in err and "Traceback" not in err

@@ -21,7 +21,7 @@ MODEL_FILE = "model.pt"
 KINDS = ("entropy", "baseline", "blt")
 
 
-class ModelFileError(RuntimeError):
+class ModelFileError(ValueError):
     """``model.pt`` is missing, truncated, or not a model file of this project (the message names it)."""
 
 
