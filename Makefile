@@ -14,13 +14,13 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 
 # torch first: keep a torch the venv already has (a GPU user's CUDA build), else take the CPU pin, so the
 # package's loose `torch>=` requirement is satisfied and pip never pulls a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -qq "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -qq -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
